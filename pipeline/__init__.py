@@ -1,0 +1,1 @@
+"""Entry points, config and Ray wiring of controlforge."""

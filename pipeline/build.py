@@ -1,0 +1,240 @@
+"""`controlforge build`: images -> captions -> conditions -> WebDataset shards.
+
+Runs on an embedded Ray cluster by default, on an existing one with
+RAY_ADDRESS / --ray-address, or under `ray job submit --working-dir . -- python pipeline/build.py ...`.
+Resumable: a rerun into the same --output skips the shards its manifest lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python pipeline/build.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import BuildConfig, ConfigError, load_config  # noqa: E402
+from pipeline.executors import init_ray, run_local, run_ray  # noqa: E402
+from pipeline.summary import format_summary  # noqa: E402
+from stages.annotators import AnnotatorError, create as create_annotators  # noqa: E402
+from stages.captioner import CaptionModelError  # noqa: E402
+from stages.readers import InputError, InputRef, list_inputs  # noqa: E402
+from stages.shard import plan_shards  # noqa: E402
+from stages.steps import make_steps  # noqa: E402
+from stages import writer  # noqa: E402
+
+VERSIONED = ("controlforge", "torch", "transformers", "diffusers", "controlnet-aux", "opencv-python-headless",
+             "pillow", "numpy", "webdataset", "ray", "datasets")
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or go on; the message says why and what to do."""
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def listing_digest(refs: list[InputRef]) -> str:
+    return hashlib.sha256("\n".join(r.source for r in refs).encode()).hexdigest()
+
+
+def _check_resumable(manifest: dict[str, Any], cfg: BuildConfig, refs: list[InputRef]) -> None:
+    old = manifest.get("config", {})
+    differ = [k for k, v in cfg.content_signature().items() if old.get(k) != v]
+    if differ:
+        raise BuildError(f"{cfg.output} was built with a different config ({', '.join(differ)} changed); "
+                         "use a new --output, or --overwrite to replace it")
+    if manifest.get("listing_sha256") != listing_digest(refs):
+        raise BuildError(f"the inputs changed since {cfg.output} was started ({manifest.get('inputs')} -> "
+                         f"{len(refs)} inputs): shards would not line up; use a new --output, or --overwrite")
+
+
+def _clear_output(out: Path) -> None:
+    """--overwrite removes only what a build writes, never other files in the folder."""
+    shutil.rmtree(out / writer.SHARDS_DIR, ignore_errors=True)
+    for name in ("manifest.json", "errors.jsonl", "wids-index.json", "preview.png"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _captioner_plan(cfg: BuildConfig, refs: list[InputRef]) -> tuple[bool, float, int]:
+    """Whether a captioner stage is needed, its GPUs per actor and its actor count."""
+    if not cfg.captioning:
+        return False, 0.0, 1
+    known = all(r.kind == "file" and r.caption is not None for r in refs)
+    if cfg.keep_captions and known:
+        return False, 0.0, 1
+    gpus = 0.0
+    if cfg.executor == "ray":
+        import ray
+
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+    per_actor = cfg.caption_num_gpus if cfg.caption_num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    actors = cfg.caption_concurrency or (max(1, int(gpus // per_actor)) if per_actor > 0 else 1)
+    return True, per_actor, actors
+
+
+def preflight_caption_model(name: str) -> None:
+    """Fail before any work when the caption model is nowhere to be found."""
+    from transformers.utils import cached_file
+
+    try:
+        cached_file(name, "config.json")
+    except (OSError, ValueError) as exc:
+        from stages.captioner import _load_error
+
+        raise _load_error(name, exc) from None
+
+
+def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
+    started = time.perf_counter()
+    create_annotators(cfg.conditions, cfg.annotator_params)  # unknown names fail here, not in a worker
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        _clear_output(out)
+    writer.remove_stale_temporaries(out)
+
+    t0 = time.perf_counter()
+    refs = list_inputs(cfg.input, cfg.url_column, cfg.caption_column)
+    list_seconds = time.perf_counter() - t0
+    works = plan_shards(refs, cfg.samples_per_shard)
+    manifest = writer.load_manifest(out)
+    if manifest is not None:
+        _check_resumable(manifest, cfg, refs)
+    else:
+        manifest = {"schema_version": writer.SCHEMA_VERSION, "config": cfg.model_dump(mode="json"),
+                    "versions": package_versions(), "inputs": len(refs), "listing_sha256": listing_digest(refs),
+                    "complete": False, "shards": []}
+    done = {e["name"] for e in manifest["shards"]}
+    todo = [w for w in works if f"{writer.SHARDS_DIR}/{w.name}.tar" not in done]
+    log(f"controlforge build: {len(refs)} inputs -> {len(works)} shards of up to {cfg.samples_per_shard} "
+        f"({len(works) - len(todo)} already done) into {out}")
+
+    if cfg.executor == "ray" and todo:
+        init_ray(cfg.ray_address)
+    captioning, caption_gpus, caption_actors = _captioner_plan(cfg, refs)
+    if captioning and todo:
+        preflight_caption_model(cfg.caption_model)
+    steps = make_steps(cfg, captioning, caption_gpus)
+    results = run_local(steps, todo) if cfg.executor == "local" else run_ray(steps, todo, cfg.num_cpus, caption_actors)
+
+    new_stats = []
+    for stats in results:
+        new_stats.append(stats)
+        manifest["shards"] = sorted(manifest["shards"] + [writer.manifest_entry(stats)], key=lambda e: e["name"])
+        writer.atomic_write_json(out / "manifest.json", manifest)
+        rejected = sum(stats["rejected"].values())
+        log(f"  shard {stats['shard']}: {stats['samples']} samples, {rejected} rejected "
+            f"[{len(manifest['shards'])}/{len(works)}]")
+    if not todo:
+        writer.atomic_write_json(out / "manifest.json", manifest)
+
+    all_stats = [writer.load_stats(out, w.name) for w in works]
+    changed = {s["shard"]: s for s in writer.drop_cross_shard_duplicates(out, all_stats, cfg.seed)}
+    for i, entry in enumerate(manifest["shards"]):
+        if Path(entry["name"]).stem in changed:
+            manifest["shards"][i] = writer.manifest_entry(changed[Path(entry["name"]).stem])
+    manifest["samples"] = sum(e["samples"] for e in manifest["shards"])
+    manifest["rejected"] = sum(len(s["errors"]) for s in all_stats)
+    manifest["complete"] = True
+    writer.write_errors(out, all_stats)
+    writer.write_wids_index(out, manifest)
+    writer.atomic_write_json(out / "manifest.json", manifest)
+
+    wall = time.perf_counter() - started
+    summary = {"inputs": len(refs), "samples": manifest["samples"], "shards": len(works), "shards_built": len(todo),
+               "all_stats": all_stats, "new_stats": new_stats, "wall_seconds": wall, "list_seconds": list_seconds}
+    log(format_summary(summary))
+    if cfg.preview and manifest["samples"]:
+        from pipeline.preview import contact_sheet
+
+        contact_sheet(out, cfg.preview).save(out / "preview.png")
+        log(f"preview: {out / 'preview.png'}")
+    return summary
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="controlforge build", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--config", help="YAML file with any of the settings below; flags override it")
+    add("--input", action="append", metavar="SPEC",
+        help="repeatable: a folder (recursive), a glob ('photos/**/*.jpg'), a .txt/.csv/.jsonl/.parquet list of "
+             "paths or URLs, WebDataset .tar shards ('data/{00000..00009}.tar'), a saved HF dataset folder, or hf:NAME")
+    add("--output", help="output folder (default out/build); a rerun resumes it")
+    add("--conditions", help="comma-separated condition names (default canny)")
+    add("--resolution", type=int, help="output side in pixels (default 512)")
+    add("--resize-mode", choices=["center_crop", "keep_ratio", "pad"], help="default center_crop")
+    add("--min-size", type=int, help="reject images whose shorter side is below this (default 256)")
+    add("--max-aspect", type=float, help="reject images with long/short side above this (default 3.0)")
+    add("--max-pixels", type=int, help="decompression-bomb limit in pixels (default 100M)")
+    add("--samples-per-shard", type=int, help="inputs per shard (default 1000)")
+    add("--caption-model", help="BLIP hub id or local folder (default Salesforce/blip-image-captioning-base); 'none' skips")
+    add("--keep-captions", action="store_true", default=None, help="use captions that come with the input; BLIP only for the rest")
+    add("--caption-prompt", help="text BLIP continues, e.g. 'a photography of'")
+    add("--caption-max-tokens", type=int, help="default 40")
+    add("--caption-beams", type=int, help="beam search width (default 3)")
+    add("--caption-batch-size", type=int, help="images per BLIP forward pass (default 16)")
+    add("--seed", type=int, help="seed for per-image random annotator parameters (default 0)")
+    add("--num-cpus", type=float, help="CPUs per shard task (default 1)")
+    add("--num-gpus", type=float, dest="caption_num_gpus", help="GPUs per captioner actor (default: 1 if the cluster has GPUs)")
+    add("--executor", choices=["ray", "local"], help="ray (default) or local: one process, no Ray")
+    add("--ray-address", help="Ray cluster to join (default RAY_ADDRESS, else an embedded local cluster)")
+    add("--preview", type=int, help="samples drawn into OUT/preview.png (default 16, 0 = none)")
+    add("--overwrite", action="store_true", default=None, help="replace a previous build in --output")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        if not cfg.input:
+            raise ConfigError("no input: pass --input or set `input:` in --config")
+        run_build(cfg)
+    except (ConfigError, BuildError, InputError, AnnotatorError, CaptionModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        cause = _user_error_in(exc)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _user_error_in(exc: BaseException) -> BaseException | None:
+    """Ray wraps a worker's exception; find a known user-facing one inside it."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (CaptionModelError, InputError, AnnotatorError)):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""`controlforge` console script: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import build, preview
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="controlforge", description="Build ControlNet training sets (and, later, train and sample ControlNets).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_build = sub.add_parser("build", help="images -> captions -> conditions -> WebDataset shards",
+                             description=build.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.build_parser(p_build)
+    p_build.set_defaults(func=build.run_from_args)
+    p_preview = sub.add_parser("preview", help="draw a contact sheet of a build", description=preview.__doc__)
+    preview.add_arguments(p_preview)
+    p_preview.set_defaults(func=preview.run_from_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The typed config of `controlforge build`.
+
+One object holds everything a build needs; it is loaded from YAML, overridden by
+CLI flags, written into `manifest.json`, and is what each Ray task receives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
+
+#: Fields whose change alters shard content; a resumed build must agree on them.
+CONTENT_FIELDS = (
+    "conditions", "resolution", "resize_mode", "min_size", "max_aspect", "max_pixels",
+    "samples_per_shard", "caption_model", "caption_prompt", "caption_max_tokens",
+    "caption_beams", "keep_captions", "seed", "jpeg_quality", "annotator_params",
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message says which field and why."""
+
+
+class BuildConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: list[str] = Field(default_factory=list, description="folders, globs, URL/parquet lists, .tar shards, HF datasets")
+    output: str = "out/build"
+    conditions: list[str] = Field(default_factory=lambda: ["canny"])
+    resolution: int = Field(512, ge=8)
+    resize_mode: Literal["center_crop", "keep_ratio", "pad"] = "center_crop"
+    min_size: int = Field(256, ge=1, description="reject images whose shorter side is smaller")
+    max_aspect: float = Field(3.0, ge=1.0, description="reject images whose long/short side ratio is larger")
+    max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb limit, checked before decoding")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(1000, ge=1)
+
+    caption_model: str = DEFAULT_CAPTION_MODEL
+    keep_captions: bool = False
+    caption_column: str = "caption"
+    url_column: str = "url"
+    image_column: str = "image"
+    caption_prompt: str = ""
+    caption_max_tokens: int = Field(40, ge=1)
+    caption_beams: int = Field(3, ge=1)
+    caption_batch_size: int = Field(16, ge=1)
+    caption_num_gpus: float | None = Field(None, ge=0, description="GPUs per captioner actor; None = 1 if the cluster has GPUs")
+    caption_concurrency: int | None = Field(None, ge=1, description="captioner actors; None = one per GPU, else 1")
+
+    annotator_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seed: int = 0
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per shard task (read, decode, annotate, write)")
+    executor: Literal["ray", "local"] = "ray"
+    ray_address: str | None = None
+    preview: int = Field(16, ge=0, description="samples drawn into OUT/preview.png at the end; 0 = none")
+    overwrite: bool = False
+
+    @field_validator("conditions", mode="before")
+    @classmethod
+    def _split_conditions(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return [v.strip() for v in value]
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _listify_input(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def captioning(self) -> bool:
+        return self.caption_model.lower() != "none"
+
+    def content_signature(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in CONTENT_FIELDS}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BuildConfig:
+    """YAML file (if any), then CLI overrides (None values are 'not given')."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
+        data.update(loaded or {})
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return BuildConfig.model_validate(data)
+    except Exception as exc:  # pydantic.ValidationError: keep its field-by-field message
+        where = f" (from {path})" if path else ""
+        raise ConfigError(f"invalid build config{where}:\n{exc}") from None

@@ -1,0 +1,1 @@
+"""Build stages: readers, decode/resize, captioner, annotators, shard writer."""

@@ -1,0 +1,72 @@
+"""The annotator contract and registry.
+
+An annotator is `image -> condition image`: a pure call on an RGB uint8 array
+and a seeded random generator, returning the condition array and the parameters
+it used (recorded in the sample's json). Adding a condition is one module that
+defines an `Annotator` subclass and decorates it with `@register`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+REGISTRY: dict[str, type["Annotator"]] = {}
+
+
+class AnnotatorError(ValueError):
+    """Unknown condition names or bad annotator parameters."""
+
+
+class Annotator:
+    #: condition name, as in SCHEMA.md (`KEY.<name>.png`)
+    name: ClassVar[str]
+    #: "L" (single-channel 8-bit) or "RGB"
+    mode: ClassVar[str] = "L"
+    #: bump when the output for the same input and parameters changes
+    version: ClassVar[str] = "1"
+    #: GPUs one instance wants; 0 runs inside the CPU shard task
+    num_gpus: ClassVar[float] = 0.0
+
+    def __init__(self, **params: Any):
+        self.params = params
+
+    def setup(self) -> None:
+        """Load weights; called once per worker before the first image."""
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+        raise NotImplementedError
+
+    def describe(self, used: dict[str, Any]) -> dict[str, Any]:
+        return {"annotator": type(self).__name__, "version": self.version, "params": used}
+
+
+def register(cls: type[Annotator]) -> type[Annotator]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def sample_seed(build_seed: int, key: str, condition: str) -> int:
+    """A per-sample, per-condition seed: a rebuild draws the same random parameters.
+    63 bits, so it fits a signed int64 column when the json is read by Arrow."""
+    digest = np.random.SeedSequence([build_seed, int(key, 16), *condition.encode()]).generate_state(2, np.uint32)
+    return (int(digest[0]) << 32 | int(digest[1])) >> 1
+
+
+def create(names: list[str], params: dict[str, dict[str, Any]] | None = None) -> dict[str, Annotator]:
+    """Instantiate the named annotators, in the order given; unknown names are one clear error."""
+    params = params or {}
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise AnnotatorError(f"unknown condition(s) {unknown}; available: {sorted(REGISTRY)}")
+    stray = sorted(set(params) - set(REGISTRY))
+    if stray:
+        raise AnnotatorError(f"annotator_params for unknown condition(s) {stray}; available: {sorted(REGISTRY)}")
+    made = {}
+    for name in names:
+        try:
+            made[name] = REGISTRY[name](**params.get(name, {}))
+        except TypeError as exc:
+            raise AnnotatorError(f"bad annotator_params for {name!r}: {exc}") from None
+    return made

@@ -1,0 +1,140 @@
+"""Decode, validate and resize one input image: bytes -> RGB array of the build's size.
+
+Pure functions: every rejection is a `Rejected` with a short reason code, so a
+build can count rejections by reason and never stop on one bad file.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# We enforce our own pixel limit before decoding; PIL's own check would raise
+# (or warn) with a different message for the same thing.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class Rejected(Exception):
+    """An input left out of the build; `reason` is the key counted in the stats."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    resolution: int = 512
+    mode: str = "center_crop"  # center_crop | keep_ratio | pad
+    min_size: int = 256
+    max_aspect: float = 3.0
+    max_pixels: int = 100_000_000
+
+
+@dataclass
+class Decoded:
+    image: np.ndarray  # H x W x 3 uint8, the build's size
+    orig_width: int
+    orig_height: int
+    untouched: bool  # the source already was an RGB JPEG of the target size: its bytes can be kept
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Header-only open with the decompression-bomb check, then full decode of frame 0."""
+    if not data:
+        raise Rejected("empty_file", "file is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as exc:
+        raise Rejected("not_an_image", f"cannot identify image: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise Rejected("decompression_bomb", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # animations: the first frame
+        img.load()
+    except Exception as exc:
+        raise Rejected("decode_error", f"cannot decode {img.format or 'image'}: {exc}") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def resize(img: Image.Image, spec: ResizeSpec) -> Image.Image:
+    """center_crop: square, short side fitted; keep_ratio: short side fitted, sides cut
+    to multiples of 8 (what the VAE needs); pad: long side fitted, padded black to square."""
+    width, height = img.size
+    res = spec.resolution
+    if spec.mode == "pad":
+        scale = res / max(width, height)
+    else:
+        scale = res / min(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0 if scale < 0.5 else None)
+    if spec.mode == "center_crop":
+        target = (res, res)
+    elif spec.mode == "keep_ratio":
+        target = (new_w - new_w % 8, new_h - new_h % 8)
+    else:
+        canvas = Image.new("RGB", (res, res), (0, 0, 0))
+        canvas.paste(img, ((res - new_w) // 2, (res - new_h) // 2))
+        return canvas
+    if target != img.size:
+        left, top = (img.size[0] - target[0]) // 2, (img.size[1] - target[1]) // 2
+        img = img.crop((left, top, left + target[0], top + target[1]))
+    return img
+
+
+def decode_and_resize(data: bytes, spec: ResizeSpec) -> Decoded:
+    img = open_image(data, spec.max_pixels)
+    source_format = img.format
+    has_exif_rotation = img.getexif().get(0x0112, 1) not in (1, None)
+    if has_exif_rotation:
+        img = ImageOps.exif_transpose(img)
+    width, height = img.size
+    short, long = min(width, height), max(width, height)
+    if short < spec.min_size:
+        raise Rejected("too_small", f"{width}x{height}: shorter side below min_size={spec.min_size}")
+    if long / short > spec.max_aspect:
+        raise Rejected("bad_aspect", f"{width}x{height}: aspect ratio {long / short:.2f} above max_aspect={spec.max_aspect}")
+    untouched = source_format == "JPEG" and img.mode == "RGB" and not has_exif_rotation
+    rgb = to_rgb(img)
+    out = resize(rgb, spec)
+    untouched = untouched and out.size == (width, height) and out is rgb
+    return Decoded(np.asarray(out), width, height, untouched)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -1,0 +1,36 @@
+"""Tiny models built from configs and saved locally, loaded back through the same
+`from_pretrained` paths a real model takes. Random weights: they check plumbing,
+shapes, determinism and formats, never caption quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = ["a", "photo", "of", "cat", "dog", "the", "on", "with", "red", "blue", "sky", "man", "table", "rocket"]
+
+
+def make_tiny_blip(folder: str | Path) -> Path:
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]"),
+                         eos_token_id=vocab.index("[SEP]")),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return folder
