@@ -26,9 +26,16 @@ def run_steps(steps: list[Step], work: Any) -> Any:
 
 
 def run_local(steps: list[Step], works: list[ShardWork]) -> Iterator[dict[str, Any]]:
-    """No Ray: for debugging, and the reference the Ray path is compared against."""
+    """No Ray: for debugging, and the reference the Ray path is compared against.
+    Shards are pickled between step groups exactly where Ray would, so what crosses
+    (and what is dropped, like transient pixels) is the same on both executors."""
+    groups = _group(steps)
     for work in works:
-        yield run_steps(steps, work)
+        for i, group in enumerate(groups):
+            if i:
+                work = pickle.loads(pickle.dumps(work))
+            work = run_steps(group, work)
+        yield work
 
 
 def _group(steps: list[Step]) -> list[list[Step]]:
@@ -80,9 +87,14 @@ def run_ray(steps: list[Step], works: list[ShardWork], num_cpus: float = 1.0,
         return
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
+    groups = _group(steps)
+    # Ray Data reserves half the CPUs for operators other than ours; with one fused
+    # operator that leaves cores idle (measured: 20 tasks on 2 CPUs took 6.8 s instead
+    # of 5.0 s). With an actor stage in the plan, the reservation keeps stages fed.
+    ctx.op_resource_reservation_enabled = len(groups) > 1
     ds = ray.data.from_items([{"index": w.index, "payload": pickle.dumps(w)} for w in works],
                              override_num_blocks=len(works))
-    for group in _group(steps):
+    for group in groups:
         if group[0].actor:
             step = group[0]
             ds = ds.map_batches(_ActorStep, fn_constructor_args=(step,), batch_size=1, batch_format="numpy",

@@ -86,7 +86,8 @@ class ReadDecode(Step):
             seen[key] = ref.source
             height, width = decoded.image.shape[:2]
             sample = Sample(key, ref.source, sha, jpg, width, height, decoded.orig_width, decoded.orig_height,
-                            meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")})
+                            meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")},
+                            pixels=decoded.image)
             self._caption_from_input(sample, got.caption)
             if decoded.untouched:  # the stored image is the input's: its conditions still match it
                 infos = got.meta.get("conditions") or {}
@@ -167,8 +168,10 @@ class Annotate(Step):
         missing = [n for n in self.annotators if n not in sample.conditions]
         if not missing:
             return True
-        with timed(work, "decode"):
-            image = decode_rgb(sample.jpg)
+        image = sample.pixels
+        if image is None:
+            with timed(work, "decode"):
+                image = decode_rgb(sample.jpg)
         for name in missing:
             annotator = self.annotators[name]
             seed = annotator_registry.sample_seed(self.cfg.seed, sample.key, name)
@@ -204,8 +207,10 @@ class WriteShard(Step):
 
 
 def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0) -> list[Step]:
-    steps: list[Step] = [ReadDecode(cfg)]
+    """Annotate right after decoding, in the same task, while the pixels are in memory;
+    the captioner (an actor) decodes the stored JPEGs itself."""
+    steps: list[Step] = [ReadDecode(cfg), Annotate(cfg)]
     if needs_captioner:
         steps.append(Caption(cfg, caption_num_gpus))
-    steps += [Annotate(cfg), WriteShard(cfg)]
+    steps.append(WriteShard(cfg))
     return steps

@@ -1,0 +1,66 @@
+"""`ray job submit --working-dir .` against a head node on loopback runs the example build.
+
+Integration test (marked): it starts `ray start --head --block` as a child process
+with its files under the test run's RAY_TMPDIR, and stops it (and only it) at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_ray_job_submit_runs_the_example_on_a_local_head(tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dash_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = tmp_path / "example"
+    try:
+        address = f"http://127.0.0.1:{dash_port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, head.stdout.read()
+            time.sleep(2)
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "pipeline/build.py", "--config", "datasets/example.yaml", "--output", str(out)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout and "samples written" in job.stdout
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["samples"] == 7
+        assert (out / "preview.png").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head takes its processes down with it
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
