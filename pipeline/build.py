@@ -121,7 +121,7 @@ def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     done = {e["name"] for e in manifest["shards"]}
     todo = [w for w in works if f"{writer.SHARDS_DIR}/{w.name}.tar" not in done]
     log(f"controlforge build: {len(refs)} inputs -> {len(works)} shards of up to {cfg.samples_per_shard} "
-        f"({len(works) - len(todo)} already done) into {out}")
+        f"({len(works) - len(todo)} already done) into {out.resolve()}")
 
     if cfg.executor == "ray" and todo:
         init_ray(cfg.ray_address)

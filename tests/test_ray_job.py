@@ -48,10 +48,14 @@ def test_ray_job_submit_runs_the_example_on_a_local_head(tmp_path):
                 break
             assert head.poll() is None, head.stdout.read()
             time.sleep(2)
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-             "python", "pipeline/build.py", "--config", "datasets/example.yaml", "--output", str(out)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the dashboard answers before its job agent is up: retry that case only
+            job = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+                 "python", "pipeline/build.py", "--config", "datasets/example.yaml", "--output", str(out)],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout and "samples written" in job.stdout
         manifest = json.loads((out / "manifest.json").read_text())
