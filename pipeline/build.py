@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `python pipeline/build.py`: make the repo impor
 from pipeline.config import BuildConfig, ConfigError, load_config  # noqa: E402
 from pipeline.executors import init_ray, run_local, run_ray  # noqa: E402
 from pipeline.summary import format_summary  # noqa: E402
-from stages.annotators import AnnotatorError, create as create_annotators  # noqa: E402
+from stages.annotators import AnnotatorError, MissingWeightsError, create as create_annotators  # noqa: E402
 from stages.captioner import CaptionModelError  # noqa: E402
 from stages.readers import InputError, InputRef, list_inputs  # noqa: E402
 from stages.shard import plan_shards  # noqa: E402
@@ -86,6 +86,16 @@ def _captioner_plan(cfg: BuildConfig, refs: list[InputRef]) -> tuple[bool, float
     return True, per_actor, actors
 
 
+def _annotator_gpus(cfg: BuildConfig, annotators: dict) -> float:
+    """GPU share of the one actor holding the network annotators (0: they run in the CPU tasks)."""
+    if cfg.executor != "ray" or not any(a.uses_model for a in annotators.values()):
+        return 0.0
+    import ray
+
+    return cfg.annotator_num_gpus if cfg.annotator_num_gpus is not None else (
+        0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+
+
 def preflight_caption_model(name: str) -> None:
     """Fail before any work when the caption model is nowhere to be found."""
     from transformers.utils import cached_file
@@ -100,7 +110,7 @@ def preflight_caption_model(name: str) -> None:
 
 def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     started = time.perf_counter()
-    create_annotators(cfg.conditions, cfg.annotator_params)  # unknown names fail here, not in a worker
+    annotators = create_annotators(cfg.conditions, cfg.annotator_params)  # unknown names fail here, not in a worker
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:
@@ -128,7 +138,10 @@ def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     captioning, caption_gpus, caption_actors = _captioner_plan(cfg, refs)
     if captioning and todo:
         preflight_caption_model(cfg.caption_model)
-    steps = make_steps(cfg, captioning, caption_gpus)
+    if todo:
+        for annotator in annotators.values():
+            annotator.check_weights()  # a missing file fails here, named, before any work
+    steps = make_steps(cfg, captioning, caption_gpus, _annotator_gpus(cfg, annotators))
     results = run_local(steps, todo) if cfg.executor == "local" else run_ray(steps, todo, cfg.num_cpus, caption_actors)
 
     new_stats = []
@@ -191,6 +204,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--seed", type=int, help="seed for per-image random annotator parameters (default 0)")
     add("--num-cpus", type=float, help="CPUs per shard task (default 1)")
     add("--num-gpus", type=float, dest="caption_num_gpus", help="GPUs per captioner actor (default: 1 if the cluster has GPUs)")
+    add("--annotator-num-gpus", type=float, help="GPU share of the actor holding the network annotators (default 0.5 if the cluster has GPUs)")
     add("--executor", choices=["ray", "local"], help="ray (default) or local: one process, no Ray")
     add("--ray-address", help="Ray cluster to join (default RAY_ADDRESS, else an embedded local cluster)")
     add("--preview", type=int, help="samples drawn into OUT/preview.png (default 16, 0 = none)")
@@ -214,7 +228,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not cfg.input:
             raise ConfigError("no input: pass --input or set `input:` in --config")
         run_build(cfg)
-    except (ConfigError, BuildError, InputError, AnnotatorError, CaptionModelError) as exc:
+    except (ConfigError, BuildError, InputError, AnnotatorError, CaptionModelError, MissingWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -230,7 +244,7 @@ def _user_error_in(exc: BaseException) -> BaseException | None:
     """Ray wraps a worker's exception; find a known user-facing one inside it."""
     seen = exc
     while seen is not None:
-        if isinstance(seen, (CaptionModelError, InputError, AnnotatorError)):
+        if isinstance(seen, (CaptionModelError, InputError, AnnotatorError, MissingWeightsError)):
             return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
     return None

@@ -53,6 +53,7 @@ class BuildConfig(BaseModel):
     caption_concurrency: int | None = Field(None, ge=1, description="captioner actors; None = one per GPU, else 1")
 
     annotator_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    annotator_num_gpus: float | None = Field(None, ge=0, description="GPU share of the network-annotator actor; None = 0.5 if the cluster has GPUs")
     seed: int = 0
     num_cpus: float = Field(1.0, gt=0, description="CPUs per shard task (read, decode, annotate, write)")
     executor: Literal["ray", "local"] = "ray"

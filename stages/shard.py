@@ -45,6 +45,8 @@ class ShardWork:
     samples: list[Sample] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: things worth counting that are not rejections (e.g. openpose maps kept with no person)
+    counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -143,13 +143,19 @@ class Caption(Step):
 
 
 class Annotate(Step):
-    """Every requested condition for every sample; a failure drops that sample only."""
+    """The named conditions for every sample; a failure drops that sample only.
+
+    As a CPU step it runs fused with decoding; with `num_gpus` it is an actor that
+    keeps its networks loaded (one actor can hold several annotators)."""
 
     name = "annotate"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, names: list[str] | None = None, num_gpus: float = 0.0):
         self.cfg = cfg
-        self.annotators = annotator_registry.create(cfg.conditions, cfg.annotator_params)
+        names = cfg.conditions if names is None else names
+        self.annotators = annotator_registry.create(names, {k: v for k, v in cfg.annotator_params.items() if k in names})
+        self.num_gpus = num_gpus
+        self.actor = num_gpus > 0
         self._ready = False
 
     def __call__(self, work: ShardWork) -> ShardWork:
@@ -157,11 +163,7 @@ class Annotate(Step):
             for annotator in self.annotators.values():
                 annotator.setup()
             self._ready = True
-        kept = []
-        for sample in work.samples:
-            if self._annotate(work, sample):
-                kept.append(sample)
-        work.samples = kept
+        work.samples = [sample for sample in work.samples if self._annotate(work, sample)]
         return work
 
     def _annotate(self, work: ShardWork, sample: Sample) -> bool:
@@ -178,20 +180,26 @@ class Annotate(Step):
             with timed(work, f"annotate:{name}"):
                 try:
                     condition, used = annotator(image, np.random.default_rng(seed))
-                    _check_condition(condition, image, annotator.mode)
+                    _check_condition(condition, image, annotator)
                     png = encode_png(condition)
+                except Rejected as exc:
+                    work.reject(sample.source, f"annotate:{name}", exc.reason, str(exc))
+                    return False
                 except Exception as exc:
                     work.reject(sample.source, f"annotate:{name}", "annotator_error", _error_text(exc))
                     return False
+            if used.pop("_empty", False):
+                work.counters[f"{name}:empty"] = work.counters.get(f"{name}:empty", 0) + 1
             sample.conditions[name] = png
             sample.condition_info[name] = annotator.describe({**used, "seed": seed})
         return True
 
 
-def _check_condition(condition: np.ndarray, image: np.ndarray, mode: str) -> None:
-    expected = image.shape[:2] if mode == "L" else (*image.shape[:2], 3)
-    if condition.shape != expected or condition.dtype != np.uint8:
-        raise ValueError(f"annotator returned {condition.dtype} {condition.shape}, expected uint8 {expected}")
+def _check_condition(condition: np.ndarray, image: np.ndarray, annotator) -> None:
+    expected = image.shape[:2] if annotator.mode == "L" else (*image.shape[:2], 3)
+    if condition.shape != expected or condition.dtype != annotator.dtype:
+        raise ValueError(f"annotator returned {condition.dtype} {condition.shape}, "
+                         f"expected {np.dtype(annotator.dtype)} {expected}")
 
 
 class WriteShard(Step):
@@ -206,10 +214,17 @@ class WriteShard(Step):
         return write_shard(Path(self.cfg.output), work, self.cfg.seed, self.cfg.conditions)
 
 
-def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0) -> list[Step]:
+def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0, annotator_num_gpus: float = 0.0) -> list[Step]:
     """Annotate right after decoding, in the same task, while the pixels are in memory;
-    the captioner (an actor) decodes the stored JPEGs itself."""
-    steps: list[Step] = [ReadDecode(cfg), Annotate(cfg)]
+    with GPUs, the network annotators move to one GPU actor that holds them all; the
+    captioner (an actor) decodes the stored JPEGs itself."""
+    steps: list[Step] = [ReadDecode(cfg)]
+    networks = [n for n in cfg.conditions if annotator_registry.REGISTRY[n].uses_model] if annotator_num_gpus else []
+    plain = [n for n in cfg.conditions if n not in networks]
+    if plain:
+        steps.append(Annotate(cfg, plain))
+    if networks:
+        steps.append(Annotate(cfg, networks, annotator_num_gpus))
     if needs_captioner:
         steps.append(Caption(cfg, caption_num_gpus))
     steps.append(WriteShard(cfg))

@@ -109,6 +109,7 @@ def write_shard(out: Path, work: ShardWork, build_seed: int, conditions: list[st
         "conditions": sorted(conditions, key=condition_sort_key),
         "rejected": dict(sorted(Counter(e["error"] for e in work.errors).items())),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "counters": dict(sorted(work.counters.items())),
         "keys": [s.key for s in samples],
         "sources": [s.source for s in samples],
         "errors": work.errors,

@@ -32,10 +32,15 @@ def test_ray_job_submit_runs_the_example_on_a_local_head(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port = free_port(), free_port()
+    # every port of its own: the test session's embedded cluster holds Ray's defaults
+    ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                            "--runtime-env-agent-port", "--metrics-export-port",
+                                            "--ray-client-server-port", "--node-manager-port",
+                                            "--object-manager-port")}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *(f"{flag}={port}" for flag, port in ports.items())],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out = tmp_path / "example"
     try:
@@ -48,7 +53,7 @@ def test_ray_job_submit_runs_the_example_on_a_local_head(tmp_path):
                 break
             assert head.poll() is None, head.stdout.read()
             time.sleep(2)
-        for _ in range(30):  # the dashboard answers before its job agent is up: retry that case only
+        for _ in range(60):  # the dashboard answers before its job agent is up: retry that case only
             job = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
                  "python", "pipeline/build.py", "--config", "datasets/example.yaml", "--output", str(out)],

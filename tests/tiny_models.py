@@ -34,3 +34,34 @@ def make_tiny_blip(folder: str | Path) -> Path:
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     processor.save_pretrained(folder)
     return folder
+
+
+def make_tiny_upernet(folder: str | Path) -> Path:
+    """UperNet (ConvNeXt backbone) with 150 ADE20K classes, random weights, plus its image processor."""
+    import torch
+    from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
+
+    folder = Path(folder)
+    backbone = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=24,
+                           auxiliary_channels=8, num_labels=150, use_auxiliary_head=False)
+    torch.manual_seed(0)
+    UperNetForSemanticSegmentation(config).eval().save_pretrained(folder)
+    SegformerImageProcessor(size={"height": 64, "width": 64}, do_reduce_labels=False).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_dpt(folder: str | Path) -> Path:
+    """A DPT depth model from a tiny config, random weights, plus its image processor."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    folder = Path(folder)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                       image_size=64, patch_size=16, neck_hidden_sizes=[8, 16, 24, 32], fusion_hidden_size=16,
+                       backbone_out_indices=[0, 1, 2, 3], head_in_index=-1)
+    torch.manual_seed(0)
+    DPTForDepthEstimation(config).eval().save_pretrained(folder)
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(folder)
+    return folder

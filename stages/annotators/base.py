@@ -26,8 +26,10 @@ class Annotator:
     mode: ClassVar[str] = "L"
     #: bump when the output for the same input and parameters changes
     version: ClassVar[str] = "1"
-    #: GPUs one instance wants; 0 runs inside the CPU shard task
-    num_gpus: ClassVar[float] = 0.0
+    #: holds a network: on a cluster with GPUs it runs in a GPU actor, else in the CPU shard task
+    uses_model: ClassVar[bool] = False
+    #: output dtype (uint16 for 16-bit depth)
+    dtype: type = np.uint8
 
     def __init__(self, **params: Any):
         self.params = params
@@ -35,11 +37,15 @@ class Annotator:
     def setup(self) -> None:
         """Load weights; called once per worker before the first image."""
 
+    def check_weights(self) -> None:
+        """Cheap check on the driver that the weights can be found (raises MissingWeightsError)."""
+
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError
 
     def describe(self, used: dict[str, Any]) -> dict[str, Any]:
-        return {"annotator": type(self).__name__, "version": self.version, "params": used}
+        """What goes into the sample's json: settings, then the values drawn for this image."""
+        return {"annotator": type(self).__name__, "version": self.version, "params": {**self.params, **used}}
 
 
 def register(cls: type[Annotator]) -> type[Annotator]:

@@ -1,0 +1,97 @@
+"""Monocular depth: MiDaS (DPT-hybrid) from controlnet-aux as the paper used, or any
+transformers depth model (DPT, Depth Anything). Normalised per image; 8-bit by
+default, 16-bit PNG with `bits: 16`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import AnnotatorError, register
+from .detector import DetectorAnnotator
+from .hub_models import from_pretrained
+
+DEFAULT_TRANSFORMERS_DEPTH = "Intel/dpt-hybrid-midas"
+
+
+class DepthModel(DetectorAnnotator):
+    """Relative depth as float (larger = nearer), shared by `depth` and `normal` from depth."""
+
+    name = "depth"
+    mode = "L"
+
+    def __init__(self, method: str = "midas", weights: str | None = None, **common):
+        if method not in ("midas", "transformers"):
+            raise AnnotatorError(f"{self.name} method must be 'midas' or 'transformers', got {method!r}")
+        if weights is None:
+            weights = DEFAULT_TRANSFORMERS_DEPTH if method == "transformers" else "lllyasviel/Annotators"
+        super().__init__(method=method, weights=weights, **common)
+        self.method = method
+        self.processor = None
+
+    def required_files(self):
+        return ("dpt_hybrid-midas-501f0c75.pt",) if self.method == "midas" else ()
+
+    def check_weights(self):
+        if self.method == "midas":
+            return super().check_weights()
+        from .hub_models import check
+
+        check(self.weights, self.name)
+
+    def setup(self):
+        if self.method == "midas":
+            return super().setup()
+        if self.model is None:
+            from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+            from .weights import torch_device
+
+            self.processor = from_pretrained(AutoImageProcessor, self.weights, self.name)
+            self.device = torch_device(self.device)
+            self.model = from_pretrained(AutoModelForDepthEstimation, self.weights, self.name).to(self.device).eval()
+
+    def load(self, folder):
+        from controlnet_aux import MidasDetector
+
+        return MidasDetector.from_pretrained(str(folder))
+
+    def depth(self, image: np.ndarray) -> np.ndarray:
+        import cv2
+        import torch
+
+        self.setup()
+        height, width = image.shape[:2]
+        with torch.inference_mode():
+            if self.method == "midas":
+                from controlnet_aux.util import resize_image
+
+                small = resize_image(image, self.detect_resolution)
+                x = torch.from_numpy(small.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].to(self.device)
+                out = self.model.model(x)[0].float().cpu().numpy()
+            else:
+                inputs = self.processor(images=image, return_tensors="pt").to(self.device)
+                out = self.model(**inputs).predicted_depth[0].float().cpu().numpy()
+        return cv2.resize(out.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def normalise(depth: np.ndarray, bits: int = 8) -> np.ndarray:
+    lo, hi = float(depth.min()), float(depth.max())
+    unit = (depth - lo) / (hi - lo) if hi > lo else np.zeros_like(depth)
+    top = 65535 if bits == 16 else 255
+    return (unit * top + 0.5).astype(np.uint16 if bits == 16 else np.uint8)
+
+
+@register
+class Depth(DepthModel):
+    name = "depth"
+
+    def __init__(self, bits: int = 8, **common):
+        if bits not in (8, 16):
+            raise AnnotatorError(f"depth bits must be 8 or 16, got {bits}")
+        super().__init__(**common)
+        self.params["bits"] = bits
+        self.bits = bits
+        self.dtype = np.uint16 if bits == 16 else np.uint8
+
+    def __call__(self, image, rng):
+        return normalise(self.depth(image), self.bits), {}

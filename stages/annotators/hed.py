@@ -1,0 +1,36 @@
+"""Soft boundaries: HED (ControlNet's Apache-2 re-implementation) or PiDiNet, from controlnet-aux."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import AnnotatorError, register
+from .detector import DetectorAnnotator, fit
+
+FILES = {"hed": ("ControlNetHED.pth",), "pidinet": ("table5_pidinet.pth",)}
+
+
+@register
+class HED(DetectorAnnotator):
+    name = "hed"
+    mode = "L"
+
+    def __init__(self, method: str = "hed", safe: bool = False, **common):
+        if method not in FILES:
+            raise AnnotatorError(f"{self.name} method must be one of {sorted(FILES)}, got {method!r}")
+        super().__init__(method=method, safe=safe, **common)
+        self.method, self.safe = method, safe
+
+    def required_files(self):
+        return FILES[self.method]
+
+    def load(self, folder):
+        from controlnet_aux import HEDdetector, PidiNetDetector
+
+        return (HEDdetector if self.method == "hed" else PidiNetDetector).from_pretrained(str(folder))
+
+    def soft_edges(self, image: np.ndarray) -> np.ndarray:
+        return fit(self.run(image, safe=self.safe), image, "L")
+
+    def __call__(self, image, rng):
+        return self.soft_edges(image), {}

@@ -1,0 +1,67 @@
+"""Surface normals: NormalBAE from controlnet-aux, or "from depth", the paper's first
+recipe (Sobel gradients of a MiDaS depth map, background flattened), which needs
+no model beyond the depth one."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .base import AnnotatorError, register
+from .depth import DepthModel
+from .detector import DetectorAnnotator, fit
+
+
+def normal_from_depth(depth: np.ndarray, bg_threshold: float = 0.1, strength: float = np.pi * 2.0) -> np.ndarray:
+    """Relative depth (larger = nearer) -> RGB normal map; pixels in the farthest
+    `bg_threshold` of the depth range get a flat normal, as in the paper."""
+    d = depth.astype(np.float32)
+    gx = cv2.Sobel(d, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(d, cv2.CV_32F, 0, 1, ksize=3)
+    span = float(d.max() - d.min())
+    background = (d - d.min()) / span < bg_threshold if span > 0 else np.ones(d.shape, bool)
+    gx[background] = 0
+    gy[background] = 0
+    normal = np.stack([gx, gy, np.full_like(gx, strength)], axis=2)
+    normal /= np.linalg.norm(normal, axis=2, keepdims=True)
+    return (normal * 127.5 + 127.5).clip(0, 255).astype(np.uint8)
+
+
+@register
+class Normal(DetectorAnnotator):
+    name = "normal"
+    mode = "RGB"
+
+    def __init__(self, method: str = "bae", bg_threshold: float = 0.1, depth: dict | None = None, **common):
+        if method not in ("bae", "from_depth"):
+            raise AnnotatorError(f"normal method must be 'bae' or 'from_depth', got {method!r}")
+        super().__init__(method=method, **common)
+        self.method, self.bg_threshold = method, bg_threshold
+        if method == "from_depth":
+            self.params.update(bg_threshold=bg_threshold, depth=depth or {})
+            self.depth_model = DepthModel(**(depth or {}))
+
+    def required_files(self):
+        return ("scannet.pt",) if self.method == "bae" else ()
+
+    def check_weights(self):
+        if self.method == "from_depth":
+            self.depth_model.check_weights()
+        else:
+            super().check_weights()
+
+    def setup(self):
+        if self.method == "from_depth":
+            self.depth_model.setup()
+        else:
+            super().setup()
+
+    def load(self, folder):
+        from controlnet_aux import NormalBaeDetector
+
+        return NormalBaeDetector.from_pretrained(str(folder))
+
+    def __call__(self, image, rng):
+        if self.method == "from_depth":
+            return normal_from_depth(self.depth_model.depth(image), self.bg_threshold), {}
+        return fit(self.run(image), image, self.mode), {}

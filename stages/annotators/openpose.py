@@ -1,0 +1,41 @@
+"""Body skeletons (hands and face as options): OpenPose from controlnet-aux.
+
+A picture with nobody in it gives a black map; `keep_empty: false` drops such
+samples instead (counted as `no_person` in the shard's stats either way)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..decode import Rejected
+from .base import register
+from .detector import DetectorAnnotator, fit
+
+
+@register
+class OpenPose(DetectorAnnotator):
+    name = "openpose"
+    mode = "RGB"
+    files = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
+
+    def __init__(self, hands: bool = False, face: bool = False, keep_empty: bool = True, **common):
+        super().__init__(hands=hands, face=face, keep_empty=keep_empty, **common)
+        self.hands, self.face, self.keep_empty = hands, face, keep_empty
+
+    def load(self, folder):
+        from controlnet_aux import OpenposeDetector
+
+        return OpenposeDetector.from_pretrained(str(folder))
+
+    def __call__(self, image, rng):
+        from controlnet_aux.open_pose import draw_poses
+        from controlnet_aux.util import resize_image
+
+        self.setup()
+        small = resize_image(np.ascontiguousarray(image), self.detect_resolution)
+        poses = self.model.detect_poses(small, self.hands, self.face)
+        if not poses and not self.keep_empty:
+            raise Rejected("no_person", "openpose found no person (keep_empty is false)")
+        canvas = draw_poses(poses, small.shape[0], small.shape[1], draw_body=True, draw_hand=self.hands,
+                            draw_face=self.face)
+        return fit(canvas, image, self.mode), {"persons": len(poses), "_empty": not poses}

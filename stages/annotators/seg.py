@@ -1,0 +1,62 @@
+"""Semantic segmentation in the ADE20K palette the public seg ControlNets were trained
+on (UperNet through transformers; default openmmlab/upernet-convnext-small)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .base import register
+from .detector import DetectorAnnotator
+from .hub_models import from_pretrained
+
+DEFAULT_SEG_MODEL = "openmmlab/upernet-convnext-small"
+
+
+@functools.cache
+def ade20k_palette() -> np.ndarray:
+    data = json.loads((Path(__file__).with_name("ade20k_palette.json")).read_text())
+    return np.asarray(data["palette"], np.uint8)
+
+
+def colorize(class_ids: np.ndarray) -> np.ndarray:
+    palette = ade20k_palette()
+    return palette[np.clip(class_ids, 0, len(palette) - 1)]
+
+
+@register
+class Segmentation(DetectorAnnotator):
+    name = "seg"
+    mode = "RGB"
+
+    def __init__(self, weights: str = DEFAULT_SEG_MODEL, **common):
+        super().__init__(weights=weights, **common)
+        self.processor = None
+
+    def check_weights(self):
+        from .hub_models import check
+
+        check(self.weights, self.name)
+
+    def setup(self):
+        if self.model is None:
+            from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
+
+            from .weights import torch_device
+
+            self.processor = from_pretrained(AutoImageProcessor, self.weights, self.name)
+            self.device = torch_device(self.device)
+            self.model = from_pretrained(UperNetForSemanticSegmentation, self.weights, self.name).to(self.device).eval()
+
+    def __call__(self, image, rng):
+        import torch
+
+        self.setup()
+        inputs = self.processor(images=image, return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        ids = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0].cpu().numpy()
+        return colorize(ids), {"classes": int(len(np.unique(ids)))}
