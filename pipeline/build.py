@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import sys
 import time
 from importlib import metadata
@@ -28,6 +27,7 @@ from stages.readers import InputError, InputRef, list_inputs  # noqa: E402
 from stages.shard import plan_shards  # noqa: E402
 from stages.steps import make_steps  # noqa: E402
 from stages import writer  # noqa: E402
+from stages.output import Output  # noqa: E402
 
 VERSIONED = ("controlforge", "torch", "transformers", "diffusers", "controlnet-aux", "opencv-python-headless",
              "pillow", "numpy", "webdataset", "ray", "datasets")
@@ -62,11 +62,10 @@ def _check_resumable(manifest: dict[str, Any], cfg: BuildConfig, refs: list[Inpu
                          f"{len(refs)} inputs): shards would not line up; use a new --output, or --overwrite")
 
 
-def _clear_output(out: Path) -> None:
+def _clear_output(out: Output) -> None:
     """--overwrite removes only what a build writes, never other files in the folder."""
-    shutil.rmtree(out / writer.SHARDS_DIR, ignore_errors=True)
-    for name in ("manifest.json", "errors.jsonl", "wids-index.json", "preview.png"):
-        (out / name).unlink(missing_ok=True)
+    for name in (writer.SHARDS_DIR, "manifest.json", "errors.jsonl", "wids-index.json", "preview.png"):
+        out.remove(name)
 
 
 def _captioner_plan(cfg: BuildConfig, refs: list[InputRef]) -> tuple[bool, float, int]:
@@ -111,8 +110,8 @@ def preflight_caption_model(name: str) -> None:
 def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     started = time.perf_counter()
     annotators = create_annotators(cfg.conditions, cfg.annotator_params)  # unknown names fail here, not in a worker
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Output(cfg.output)
+    out.makedirs()
     if cfg.overwrite:
         _clear_output(out)
     writer.remove_stale_temporaries(out)
@@ -131,7 +130,7 @@ def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     done = {e["name"] for e in manifest["shards"]}
     todo = [w for w in works if f"{writer.SHARDS_DIR}/{w.name}.tar" not in done]
     log(f"controlforge build: {len(refs)} inputs -> {len(works)} shards of up to {cfg.samples_per_shard} "
-        f"({len(works) - len(todo)} already done) into {out.resolve()}")
+        f"({len(works) - len(todo)} already done) into {Path(out.url).resolve() if out.local else out.url}")
 
     if cfg.executor == "ray" and todo:
         init_ray(cfg.ray_address)
@@ -148,12 +147,12 @@ def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     for stats in results:
         new_stats.append(stats)
         manifest["shards"] = sorted(manifest["shards"] + [writer.manifest_entry(stats)], key=lambda e: e["name"])
-        writer.atomic_write_json(out / "manifest.json", manifest)
+        writer.save_manifest(out, manifest)
         rejected = sum(stats["rejected"].values())
         log(f"  shard {stats['shard']}: {stats['samples']} samples, {rejected} rejected "
             f"[{len(manifest['shards'])}/{len(works)}]")
     if not todo:
-        writer.atomic_write_json(out / "manifest.json", manifest)
+        writer.save_manifest(out, manifest)
 
     all_stats = [writer.load_stats(out, w.name) for w in works]
     changed = {s["shard"]: s for s in writer.drop_cross_shard_duplicates(out, all_stats, cfg.seed)}
@@ -165,17 +164,17 @@ def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     manifest["complete"] = True
     writer.write_errors(out, all_stats)
     writer.write_wids_index(out, manifest)
-    writer.atomic_write_json(out / "manifest.json", manifest)
+    writer.save_manifest(out, manifest)
 
     wall = time.perf_counter() - started
     summary = {"inputs": len(refs), "samples": manifest["samples"], "shards": len(works), "shards_built": len(todo),
                "all_stats": all_stats, "new_stats": new_stats, "wall_seconds": wall, "list_seconds": list_seconds}
     log(format_summary(summary))
     if cfg.preview and manifest["samples"]:
-        from pipeline.preview import contact_sheet
+        from pipeline.preview import contact_sheet, png_bytes
 
-        contact_sheet(out, cfg.preview).save(out / "preview.png")
-        log(f"preview: {out / 'preview.png'}")
+        out.write_atomic("preview.png", png_bytes(contact_sheet(out, cfg.preview)))
+        log(f"preview: {out.url_of('preview.png')}")
     return summary
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import build, preview
+from pipeline import build, preview, publish, verify
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,14 @@ def make_parser() -> argparse.ArgumentParser:
     p_preview = sub.add_parser("preview", help="draw a contact sheet of a build", description=preview.__doc__)
     preview.add_arguments(p_preview)
     p_preview.set_defaults(func=preview.run_from_args)
+    p_verify = sub.add_parser("verify", help="check every shard of a build against its manifest", description=verify.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_arguments(p_verify)
+    p_verify.set_defaults(func=verify.run_from_args)
+    p_publish = sub.add_parser("publish", help="export a build as a Hugging Face dataset (folder or Hub)",
+                               description=publish.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    publish.add_arguments(p_publish)
+    p_publish.set_defaults(func=publish.run_from_args)
     return parser
 
 

@@ -6,35 +6,37 @@ import argparse
 import io
 import json
 import textwrap
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.writer import condition_sort_key
+from stages.output import Output
+from stages.writer import condition_sort_key, iter_samples
 
 
-def read_samples(out: Path, n: int) -> list[dict[str, bytes]]:
-    """The first n samples in shard order, read with webdataset as any consumer would."""
-    import webdataset as wds
-
-    manifest = json.loads((out / "manifest.json").read_text())
-    urls = [str(out / e["name"]) for e in manifest["shards"] if e["samples"]]
-    if not urls:
-        return []
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    samples = []
-    for sample in dataset:
-        samples.append(sample)
-        if len(samples) >= n:
-            break
+def read_samples(out: Output, n: int) -> list[dict[str, bytes]]:
+    """The first n samples in shard order, read from any fsspec output."""
+    manifest = json.loads(out.read_text("manifest.json"))
+    samples: list[dict[str, bytes]] = []
+    for entry in manifest["shards"]:
+        with out.fs.open(out.path(entry["name"]), "rb") as handle:
+            for _key, members in iter_samples(handle):
+                samples.append(members)
+                if len(samples) >= n:
+                    return samples
     return samples
 
 
-def contact_sheet(out: str | Path, n: int = 16, cell: int = 160) -> Image.Image:
-    out = Path(out)
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def contact_sheet(out: Output | str, n: int = 16, cell: int = 160) -> Image.Image:
+    out = out if isinstance(out, Output) else Output(out)
     samples = read_samples(out, n)
     if not samples:
-        raise ValueError(f"{out}: no samples to preview")
+        raise ValueError(f"{out.url}: no samples to preview")
     conditions = sorted({k[: -len(".png")] for s in samples for k in s if k.endswith(".png")}, key=condition_sort_key)
     text_w = cell * 2
     cols = 1 + len(conditions)
@@ -70,7 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    target = Path(args.out or Path(args.output) / "preview.png")
-    contact_sheet(args.output, args.n).save(target)
-    print(f"wrote {target}")
+    out = Output(args.output)
+    sheet = contact_sheet(out, args.n)
+    if args.out:
+        sheet.save(args.out)
+    else:
+        out.write_atomic("preview.png", png_bytes(sheet))
+    print(f"wrote {args.out or out.url_of('preview.png')}")
     return 0

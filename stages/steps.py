@@ -11,7 +11,6 @@ import hashlib
 import re
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from . import annotators as annotator_registry
 from .captioner import BlipCaptioner, CaptionModelError
 from .decode import Rejected, ResizeSpec, decode_and_resize, decode_rgb, encode_jpeg, encode_png
 from .readers import fetch
+from .output import Output
 from .shard import Sample, ShardWork
 from .writer import write_shard
 
@@ -211,7 +211,7 @@ class WriteShard(Step):
         self.cfg = cfg
 
     def __call__(self, work: ShardWork) -> dict[str, Any]:
-        return write_shard(Path(self.cfg.output), work, self.cfg.seed, self.cfg.conditions)
+        return write_shard(Output(self.cfg.output), work, self.cfg.seed, self.cfg.conditions)
 
 
 def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0, annotator_num_gpus: float = 0.0) -> list[Step]:

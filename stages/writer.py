@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import time
-import uuid
 from collections import Counter
-from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
+from .output import Output
 from .shard import Sample, ShardWork
 
 SCHEMA_VERSION = 1
@@ -30,28 +28,16 @@ def condition_sort_key(name: str) -> tuple[int, str]:
     return (CONDITION_ORDER.index(name) if name in CONDITION_ORDER else len(CONDITION_ORDER), name)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def write_json(out: Output, rel: str, obj: Any) -> None:
+    out.write_atomic(rel, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-def remove_stale_temporaries(out: Path) -> int:
+def remove_stale_temporaries(out: Output) -> int:
     """Temporaries of a killed run: never final, safe to delete on restart."""
-    removed = 0
-    for folder in (out, out / SHARDS_DIR):
-        if folder.is_dir():
-            for path in folder.glob("*.tmp-*"):
-                path.unlink(missing_ok=True)
-                removed += 1
-    return removed
+    stale = [*out.glob("*.tmp-*"), *out.glob(f"{SHARDS_DIR}/*.tmp-*")]
+    for rel in stale:
+        out.remove(rel)
+    return len(stale)
 
 
 def sample_json(sample: Sample, build_seed: int) -> dict[str, Any]:
@@ -91,14 +77,13 @@ def shard_tar_bytes(samples: Iterable[Sample], build_seed: int) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(out: Path, work: ShardWork, build_seed: int, conditions: list[str]) -> dict[str, Any]:
+def write_shard(out: Output, work: ShardWork, build_seed: int, conditions: list[str]) -> dict[str, Any]:
     """Write `shards/NAME.tar` and `shards/NAME_stats.json`; returns the stats."""
-    shards = out / SHARDS_DIR
-    shards.mkdir(parents=True, exist_ok=True)
+    out.makedirs(SHARDS_DIR)
     start = time.perf_counter()
     samples = sorted(work.samples, key=lambda s: s.key)
     data = shard_tar_bytes(samples, build_seed)
-    atomic_write_bytes(shards / f"{work.name}.tar", data)
+    out.write_atomic(f"{SHARDS_DIR}/{work.name}.tar", data)
     seconds = {**work.seconds, "write": time.perf_counter() - start}
     stats = {
         "shard": work.name,
@@ -114,7 +99,7 @@ def write_shard(out: Path, work: ShardWork, build_seed: int, conditions: list[st
         "sources": [s.source for s in samples],
         "errors": work.errors,
     }
-    atomic_write_json(shards / f"{work.name}_stats.json", stats)
+    write_json(out, f"{SHARDS_DIR}/{work.name}_stats.json", stats)
     return stats
 
 
@@ -126,32 +111,33 @@ def manifest_entry(stats: dict[str, Any]) -> dict[str, Any]:
             "sha256": stats["sha256"], "conditions": stats["conditions"]}
 
 
-def load_manifest(out: Path) -> dict[str, Any] | None:
-    path = out / "manifest.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+def load_manifest(out: Output) -> dict[str, Any] | None:
+    return json.loads(out.read_text("manifest.json")) if out.exists("manifest.json") else None
 
 
-def load_stats(out: Path, shard: str) -> dict[str, Any]:
-    return json.loads((out / SHARDS_DIR / f"{shard}_stats.json").read_text())
+def save_manifest(out: Output, manifest: dict[str, Any]) -> None:
+    write_json(out, "manifest.json", manifest)
 
 
-def write_wids_index(out: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_json(out / "wids-index.json", {
+def load_stats(out: Output, shard: str) -> dict[str, Any]:
+    return json.loads(out.read_text(f"{SHARDS_DIR}/{shard}_stats.json"))
+
+
+def write_wids_index(out: Output, manifest: dict[str, Any]) -> None:
+    write_json(out, "wids-index.json", {
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
         "shardlist": [{"url": e["name"], "nsamples": e["samples"], "filesize": e["bytes"]} for e in manifest["shards"]],
     })
 
 
-def write_errors(out: Path, all_stats: list[dict[str, Any]]) -> int:
+def write_errors(out: Output, all_stats: list[dict[str, Any]]) -> int:
     lines = [json.dumps(err, ensure_ascii=False) for stats in all_stats for err in stats["errors"]]
-    atomic_write_bytes(out / "errors.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+    out.write_atomic("errors.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
     return len(lines)
 
 
-def drop_cross_shard_duplicates(out: Path, all_stats: list[dict[str, Any]], build_seed: int) -> list[dict[str, Any]]:
+def drop_cross_shard_duplicates(out: Output, all_stats: list[dict[str, Any]], build_seed: int) -> list[dict[str, Any]]:
     """The same picture reached from two shards stays in the earlier shard only.
 
     Idempotent: a rerun after a kill finds nothing left to drop in shards
@@ -168,8 +154,8 @@ def drop_cross_shard_duplicates(out: Path, all_stats: list[dict[str, Any]], buil
                 first_seen[key] = (stats["shard"], source)
         if not drop:
             continue
-        tar_path = out / SHARDS_DIR / f"{stats['shard']}.tar"
-        data = _filter_tar(tar_path.read_bytes(), set(drop))
+        tar_name = f"{SHARDS_DIR}/{stats['shard']}.tar"
+        data = _filter_tar(out.read_bytes(tar_name), set(drop))
         for key, source in drop.items():
             shard, kept = first_seen[key]
             stats["errors"].append({"source": source, "stage": "dedup", "error": "duplicate",
@@ -179,8 +165,8 @@ def drop_cross_shard_duplicates(out: Path, all_stats: list[dict[str, Any]], buil
         stats["sources"] = [stats["sources"][i] for i in keep]
         stats.update(samples=len(keep), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
                      rejected=dict(sorted(Counter(e["error"] for e in stats["errors"]).items())))
-        atomic_write_bytes(tar_path, data)
-        atomic_write_json(out / SHARDS_DIR / f"{stats['shard']}_stats.json", stats)
+        out.write_atomic(tar_name, data)
+        write_json(out, f"{SHARDS_DIR}/{stats['shard']}_stats.json", stats)
         changed.append(stats)
     return changed
 
@@ -192,3 +178,18 @@ def _filter_tar(data: bytes, drop_keys: set[str]) -> bytes:
             if member.name.split(".", 1)[0] not in drop_keys:
                 _tar_member(dst, member.name, src.extractfile(member).read())
     return out.getvalue()
+
+
+def iter_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {member extension: bytes}) in tar order; raises on a truncated or corrupt tar."""
+    key, members = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for member in tar:
+            name_key, _, ext = member.name.partition(".")
+            if name_key != key and key is not None:
+                yield key, members
+                members = {}
+            key = name_key
+            members[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, members
