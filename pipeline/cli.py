@@ -26,6 +26,12 @@ def make_parser() -> argparse.ArgumentParser:
                                description=publish.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     publish.add_arguments(p_publish)
     p_publish.set_defaults(func=publish.run_from_args)
+    from train import cli as train_cli
+
+    p_train = sub.add_parser("train", help="train a ControlNet on a build's shards (accelerate launch for DDP)",
+                             description=train_cli.__doc__)
+    train_cli.add_arguments(p_train)
+    p_train.set_defaults(func=train_cli.run_from_args)
     return parser
 
 

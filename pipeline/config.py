@@ -81,8 +81,9 @@ class BuildConfig(BaseModel):
         return {name: getattr(self, name) for name in CONTENT_FIELDS}
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BuildConfig:
-    """YAML file (if any), then CLI overrides (None values are 'not given')."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                model: type[BaseModel] = BuildConfig) -> Any:
+    """YAML file (if any), then CLI overrides (None values are 'not given'), validated as `model`."""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -96,7 +97,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         data.update(loaded or {})
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
-        return BuildConfig.model_validate(data)
+        return model.model_validate(data)
     except Exception as exc:  # pydantic.ValidationError: keep its field-by-field message
         where = f" (from {path})" if path else ""
-        raise ConfigError(f"invalid build config{where}:\n{exc}") from None
+        raise ConfigError(f"invalid {model.__name__}{where}:\n{exc}") from None

@@ -1,0 +1,177 @@
+"""The ControlNet trainer on a tiny Stable-Diffusion-shaped model (random weights, built
+from configs and saved locally, loaded through from_pretrained like a real one): these
+tests check the method's mechanics (zero convolutions, frozen parts, prompt dropout,
+exact resume, saved format, streaming), not image quality."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_synthetic
+from http_server import serve
+from pipeline.build import run_build
+from pipeline.config import BuildConfig
+from train.config import TrainConfig
+from train.trainer import PromptDropout, load_frozen, make_controlnet, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tiny_models import make_tiny_sd
+
+    root = tmp_path_factory.mktemp("train")
+    sd = make_tiny_sd(root / "sd")
+    write_synthetic(root / "in", 12)
+    for i in range(12):
+        (root / "in" / f"synth_{i:04d}.txt").write_text(f"a synthetic picture number {i}")
+    run_build(BuildConfig(input=[str(root / "in")], output=str(root / "shards"), resolution=64, min_size=64,
+                          caption_model="none", samples_per_shard=4, executor="local", preview=0), log=lambda *_: None)
+    return root, sd
+
+
+def config(setup, out, **kw) -> TrainConfig:
+    root, sd = setup
+    base = dict(shards=[str(root / "shards")], pretrained_model=str(sd), output_dir=str(out), resolution=64,
+                train_batch_size=2, max_train_steps=3, checkpointing_steps=100, validation_steps=100,
+                num_validation_images=0, dataloader_num_workers=0, shuffle_buffer=8, report_to="none",
+                learning_rate=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_zero_convolutions_leave_the_unet_unchanged_at_step_0(setup):
+    _, sd = setup
+    _, _, _, unet, _ = load_frozen(str(sd), torch.float32)
+    controlnet = make_controlnet(unet)
+    torch.manual_seed(0)
+    noisy, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    text = torch.randn(2, 16, 32)
+    cond = torch.rand(2, 3, 64, 64)
+    down, mid = controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+    assert controlnet.controlnet_cond_embedding.conv_in(cond).abs().sum() > 0, "the condition does reach the ControlNet"
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    assert all(not p.any() for conv in zero_convs for p in conv.parameters()), "zero-initialised"
+    assert all(not d.any() for d in down) and not mid.any()
+    with torch.no_grad():
+        plain = unet(noisy, t, encoder_hidden_states=text).sample
+        controlled = unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+    assert torch.equal(plain, controlled)
+
+
+def test_a_few_steps_move_only_the_controlnet(setup, tmp_path):
+    _, sd = setup
+    result = train(config(setup, tmp_path / "cn"), log=lambda *_: None)
+    assert result["global_step"] == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    tokenizer, text_encoder, vae, unet, _ = load_frozen(str(sd), torch.float32)
+    for name, fresh in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        trained = result["models"][name].state_dict()
+        assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items()), f"{name} changed"
+    start = make_controlnet(unet).state_dict()
+    after = result["models"]["controlnet"].state_dict()
+    moved = [k for k in start if not torch.equal(start[k], after[k])]
+    assert len(moved) > len(start) // 2, "the ControlNet's weights moved"
+    assert any("zero_conv" in k or "controlnet_down_blocks" in k for k in moved)
+
+
+def test_prompt_dropout_share_and_determinism():
+    prompts = ["a cat"] * 20000
+    dropped = PromptDropout(0.5, seed=1)(prompts).count("")
+    assert abs(dropped / 20000 - 0.5) < 0.015  # binomial sd 0.0035: a 4-sd band
+    assert PromptDropout(0.0, 1)(prompts).count("") == 0 and PromptDropout(1.0, 1)(prompts).count("") == 20000
+    a = PromptDropout(0.5, 3)
+    a(prompts[:7])
+    state = a.state_dict()
+    b = PromptDropout(0.5, 99)
+    b.load_state_dict(state)
+    assert a(prompts[:50]) == b(prompts[:50])
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(setup, tmp_path):
+    straight = train(config(setup, tmp_path / "straight", max_train_steps=4), log=lambda *_: None)
+    train(config(setup, tmp_path / "resumed", max_train_steps=2), log=lambda *_: None)
+    resumed = train(config(setup, tmp_path / "resumed", max_train_steps=4, resume="latest"), log=lambda *_: None)
+    assert resumed["losses"] == straight["losses"][2:]
+    a, b = straight["models"]["controlnet"].state_dict(), resumed["models"]["controlnet"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "bit for bit on CPU"
+
+
+def test_checkpoints_keep_the_last_k(setup, tmp_path):
+    out = tmp_path / "ck"
+    train(config(setup, out, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2), log=lambda *_: None)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert json.loads((out / "checkpoint-4" / "controlforge_state.json").read_text())["global_step"] == 4
+
+
+def test_saved_model_loads_in_the_diffusers_pipeline_and_validation_images(setup, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    _, sd = setup
+    out = tmp_path / "final"
+    train(config(setup, out, max_train_steps=2, validation_steps=2, num_validation_images=2,
+                 validation_inference_steps=2), log=lambda *_: None)
+    assert (out / "diffusion_pytorch_model.safetensors").exists() and (out / "validation" / "step-0000002.png").exists()
+    controlnet = ControlNetModel.from_pretrained(out)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(str(sd), controlnet=controlnet, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a picture", Image.new("RGB", (64, 64)), num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_streaming_from_shards_over_http(setup, tmp_path):
+    root, _ = setup
+    with serve(root / "shards" / "shards") as base:
+        result = train(config(setup, tmp_path / "http", shards=[f"{base}/{{00000..00002}}.tar"], max_train_steps=2),
+                       log=lambda *_: None)
+    assert result["global_step"] == 2
+
+
+def test_missing_base_model_is_a_clear_error(setup, tmp_path):
+    from train.trainer import TrainError
+
+    with pytest.raises(TrainError, match="--pretrained-model"):
+        train(config(setup, tmp_path / "x", pretrained_model=str(tmp_path / "no-model")), log=lambda *_: None)
+
+
+def _distributed_args(setup, out) -> list[str]:
+    root, sd = setup
+    return ["--shards", str(root / "shards"), "--pretrained-model", str(sd), "--output-dir", str(out),
+            "--resolution", "64", "--train-batch-size", "2", "--max-train-steps", "3", "--num-validation-images", "0",
+            "--dataloader-num-workers", "0", "--report-to", "none", "--shuffle-buffer", "8"]
+
+
+def test_two_processes_under_torchrun_and_two_ray_train_workers_agree(setup, tmp_path, ray_session):
+    """DDP over gloo on CPU, launched two ways; each run checks every rank holds the same
+    weights (train_state.json), and both launchers end with the same weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "pipeline.cli", "train",
+                           *_distributed_args(setup, tmp_path / "ddp")], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "train_state.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["global_step"] == 3 and len(set(ddp["rank_checksums"])) == 1
+
+    from pipeline.config import load_config
+    from train.cli import add_arguments
+    from train.ray_train import train_on_ray
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--ray", "--num-workers", "2", "--gpus-per-worker", "0",
+                              *_distributed_args(setup, tmp_path / "ray")])
+    cfg = load_config(None, {k: v for k, v in vars(args).items() if k != "config"}, TrainConfig)
+    train_on_ray(cfg, log=lambda *_: None)
+    on_ray = json.loads((tmp_path / "ray" / "train_state.json").read_text())
+    assert on_ray["world_size"] == 2 and len(set(on_ray["rank_checksums"])) == 1
+    assert on_ray["rank_checksums"] == ddp["rank_checksums"], "same seeds and data: same weights either way"

@@ -1,0 +1,68 @@
+"""The typed config of `controlforge train` (YAML + CLI flags, as for build)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shards: list[str] = Field(default_factory=list, description="build folders, .tar paths, brace patterns, http(s)/fsspec URLs")
+    condition: str = "canny"
+    pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    controlnet: str | None = Field(None, description="resume from an existing ControlNet (hub id or folder) instead of copying the UNet")
+    output_dir: str = "out/controlnet"
+
+    resolution: int = Field(512, ge=8)
+    train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_steps: int = Field(1000, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_8bit_adam: bool = False
+    prompt_dropout: float = Field(0.5, ge=0, le=1, description="share of prompts replaced by '' per sample per step (paper: 0.5)")
+    unlock_decoder: bool = Field(False, description="also train the UNet decoder (the reference code's sd_locked=False)")
+    decoder_learning_rate: float = Field(1e-6, gt=0)
+    only_mid_control: bool = False
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    compile: bool = False
+
+    shuffle_buffer: int = Field(1000, ge=1)
+    dataloader_num_workers: int = Field(2, ge=0)
+    flip: bool | None = Field(None, description="random horizontal flips; None = on, except for openpose")
+
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(3, ge=1)
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder")
+
+    validation_steps: int = Field(500, ge=1)
+    num_validation_images: int = Field(4, ge=0)
+    validation_inference_steps: int = Field(20, ge=1)
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    seed: int = 0
+
+    ray: bool = Field(False, description="run the same loop under Ray Train's TorchTrainer (RAY_ADDRESS / ray job submit)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each)")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per Ray Train worker; 0 = CPU workers with gloo")
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def flip_enabled(self) -> bool:
+        return self.flip if self.flip is not None else self.condition != "openpose"
+

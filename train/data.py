@@ -1,0 +1,139 @@
+"""Training batches streamed from build shards with webdataset, never downloaded whole.
+
+Shards are resampled (an endless, seeded stream per node and worker), shuffled in a
+buffer, image and condition are cropped and flipped together, and batches are
+formed inside the workers. Deterministic given the seed, so a resumed run can
+fast-forward the stream to where it stopped (`skip_batches`) and continue exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+IMAGE_MEAN = 0.5
+
+
+def expand_shards(specs: list[str]) -> list[str]:
+    """Build folders, .tar files, brace patterns and URLs -> a list of shard URLs."""
+    import braceexpand
+
+    urls: list[str] = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(glob.glob(os.path.join(spec, "shards", "*.tar"))) or sorted(glob.glob(os.path.join(spec, "*.tar")))
+            if not found:
+                raise FileNotFoundError(f"{spec}: no .tar shards in it or in its shards/ folder")
+            urls += found
+        else:
+            expanded = list(braceexpand.braceexpand(spec))
+            local = [u for u in expanded if "://" not in u and not u.startswith("pipe:")]
+            missing = [u for u in local if not os.path.exists(u)]
+            if missing:
+                raise FileNotFoundError(f"shard(s) not found: {', '.join(missing[:3])}"
+                                        + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+            urls += expanded
+    if not urls:
+        raise FileNotFoundError("no shards given: pass --shards (a build folder, .tar files or URLs)")
+    return urls
+
+
+def _rgb(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def joint_crop_flip(image: np.ndarray, condition: np.ndarray, resolution: int, rng: random.Random,
+                    flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Resize both so the short side is `resolution`, then one random crop and flip for both."""
+    import cv2
+
+    height, width = image.shape[:2]
+    if min(height, width) != resolution:
+        scale = resolution / min(height, width)
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+        condition = cv2.resize(condition, size, interpolation=cv2.INTER_NEAREST)
+        height, width = image.shape[:2]
+    top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
+    image = image[top:top + resolution, left:left + resolution]
+    condition = condition[top:top + resolution, left:left + resolution]
+    if flip and rng.random() < 0.5:
+        image, condition = image[:, ::-1], condition[:, ::-1]
+    return image, condition
+
+
+def to_tensors(image: np.ndarray, condition: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image in [-1, 1] (the VAE's range), condition in [0, 1] (ControlNet's), both CHW float."""
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+    cond = torch.from_numpy(np.ascontiguousarray(condition)).permute(2, 0, 1).float() / 255.0
+    return pixels, cond
+
+
+class Augment:
+    """One seeded RNG per (rank, worker): the stream is a function of the seed alone."""
+
+    def __init__(self, condition: str, resolution: int, flip: bool, seed: int):
+        self.condition, self.resolution, self.flip, self.seed = condition, resolution, flip, seed
+
+    def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        rank = int(os.environ.get("RANK", 0))
+        rng = random.Random(self.seed * 1_000_003 + rank * 1009 + (worker.id if worker else 0))
+        member = f"{self.condition}.png"
+        for sample in source:
+            if member not in sample:
+                raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no {member}; "
+                               f"set --condition to one the shards have")
+            image, cond = joint_crop_flip(_rgb(sample["jpg"]), _rgb(sample[member]), self.resolution, rng, self.flip)
+            pixels, cond = to_tensors(image, cond)
+            yield {"pixel_values": pixels, "conditioning_pixel_values": cond, "text": sample.get("txt", "")}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]),
+            "text": [s["text"] for s in samples]}
+
+
+class SkipBatches:
+    """Drop the batches this worker already served before a resume (DataLoader
+    hands out worker batches round-robin, so worker i served batches i, i+W, ...)."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __call__(self, source):
+        worker = torch.utils.data.get_worker_info()
+        workers, index = (worker.num_workers, worker.id) if worker else (1, 0)
+        skip = len(range(index, self.total, workers))
+        for i, batch in enumerate(source):
+            if i >= skip:
+                yield batch
+
+
+def make_dataset(urls: list[str], condition: str, resolution: int, batch_size: int, seed: int,
+                 shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0):
+    import webdataset as wds
+
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
+        wds.decode("pil", handler=wds.warn_and_continue),
+        Augment(condition, resolution, flip, seed),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+        SkipBatches(skip_batches),
+    )
+
+
+def make_loader(dataset, num_workers: int, seed: int = 0) -> torch.utils.data.DataLoader:
+    """Its own generator: creating the iterator must not draw from the global RNG that a
+    resumed run has just restored (that one draw would shift every noise sample after)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0,
+                                       generator=torch.Generator().manual_seed(seed))

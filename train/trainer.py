@@ -1,0 +1,318 @@
+"""ControlNet training as the paper does it: frozen SD (UNet, VAE, text encoder), a
+trainable copy of the UNet encoder joined by zero convolutions
+(`ControlNetModel.from_unet`), noise-prediction MSE, 50 % empty prompts.
+
+Runs as one process, under `accelerate launch` (DDP on several GPUs), or inside a
+Ray Train worker: the same function, Accelerator handles the distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import expand_shards, make_dataset, make_loader
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start; the message says why and what to do."""
+
+
+class PromptDropout:
+    """Which prompts become '' this step, per sample, from its own generator, whose
+    state is saved with every checkpoint so a resumed run draws the same."""
+
+    def __init__(self, rate: float, seed: int):
+        self.rate = rate
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        drop = torch.rand(len(prompts), generator=self.generator) < self.rate
+        return ["" if d else p for p, d in zip(prompts, drop.tolist())]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def load_frozen(pretrained: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
+        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load the base model {pretrained!r} ({type(exc).__name__}: {str(exc)[:200]}). "
+                         "Without hub access, download it elsewhere (`huggingface-cli download "
+                         "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir sd15`), copy the folder here and "
+                         "pass --pretrained-model ./sd15") from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    return tokenizer, text_encoder.to(dtype), vae.to(dtype), unet, scheduler
+
+
+def make_controlnet(unet, controlnet: str | None = None):
+    from diffusers import ControlNetModel
+
+    if controlnet:
+        try:
+            return ControlNetModel.from_pretrained(controlnet)
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"cannot load ControlNet {controlnet!r}: {exc}") from None
+    return ControlNetModel.from_unet(unet)  # the trainable copy; its zero convolutions start at 0
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        found = checkpoints(Path(cfg.output_dir))
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise TrainError(f"--resume {cfg.resume}: no such checkpoint folder")
+    return path
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids, return_dict=False)[0]
+
+
+def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    output_dir = Path(cfg.output_dir)
+    trackers = cfg.report_to if cfg.report_to != "none" and _tracker_available(cfg.report_to) else None
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # gloo DDP when launched on CPUs
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=cfg.mixed_precision, log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                  logging_dir=str(output_dir / "logs")))
+    set_seed(cfg.seed + accelerator.process_index)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    urls = expand_shards(cfg.shards)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_frozen(cfg.pretrained_model, weight_dtype)
+    controlnet = make_controlnet(unet, cfg.controlnet)
+    controlnet.train()
+    params = [{"params": list(controlnet.parameters()), "lr": cfg.learning_rate}]
+    if cfg.unlock_decoder:  # the reference code's sd_locked=False: decoder trains too, at its own lr
+        decoder = [p for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) for p in m.parameters()]
+        for p in decoder:
+            p.requires_grad_(True)
+        params.append({"params": decoder, "lr": cfg.decoder_learning_rate})
+    unet.to(torch.float32 if cfg.unlock_decoder else weight_dtype)
+    if cfg.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    optimizer = _optimizer(cfg, params)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    if cfg.unlock_decoder:
+        unet = accelerator.prepare(unet)
+    if cfg.compile:
+        controlnet = torch.compile(controlnet)
+    dropout = PromptDropout(cfg.prompt_dropout, cfg.seed + accelerator.process_index)
+    accelerator.register_for_checkpointing(dropout)
+    device = accelerator.device
+    for module in (text_encoder, vae) + (() if cfg.unlock_decoder else (unet,)):
+        module.to(device)
+
+    global_step = 0
+    resume_from = _resume_path(cfg)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        global_step = json.loads((resume_from / "controlforge_state.json").read_text())["global_step"]
+        log(f"resumed from {resume_from} at step {global_step}")
+    dataset = make_dataset(urls, cfg.condition, cfg.resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer,
+                           cfg.flip_enabled, skip_batches=global_step * cfg.gradient_accumulation_steps)
+    loader = make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
+    validation = _validation_batch(urls, cfg) if cfg.num_validation_images and accelerator.is_main_process else None
+    if trackers and accelerator.is_main_process:
+        accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
+                                                          if isinstance(v, (int, float, str, bool))})
+
+    progress = tqdm(total=cfg.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+                    desc="train")
+    started, losses, samples_seen, first_step = time.perf_counter(), [], 0, global_step
+    for batch in loader:
+        if global_step >= cfg.max_train_steps:
+            break
+        with accelerator.accumulate(controlnet):
+            loss = _step(batch, cfg, vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, dropout,
+                         device, weight_dtype)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float().item())
+        samples_seen += len(batch["text"]) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        elapsed = time.perf_counter() - started
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}",
+                             steps_s=f"{(global_step - first_step) / elapsed:.2f}",
+                             samples_s=f"{samples_seen / elapsed:.1f}")
+        accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
+            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+        if validation is not None and global_step % cfg.validation_steps == 0:
+            run_validation(validation, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet, global_step,
+                           weight_dtype)
+    progress.close()
+    accelerator.wait_for_everyone()
+    checksums = _rank_checksums(accelerator, accelerator.unwrap_model(controlnet))
+    if len(set(checksums)) > 1:
+        raise TrainError(f"ControlNet weights differ across ranks after training: {checksums}")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(controlnet).save_pretrained(output_dir)  # config.json + safetensors
+        (output_dir / "train_state.json").write_text(json.dumps(
+            {"global_step": global_step, "world_size": accelerator.num_processes, "rank_checksums": checksums}))
+        log(f"saved ControlNet to {output_dir} ({accelerator.num_processes} process(es), weights agree)")
+    accelerator.end_training()
+    return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir),
+            "models": {"controlnet": accelerator.unwrap_model(controlnet), "unet": accelerator.unwrap_model(unet),
+                       "vae": vae, "text_encoder": text_encoder}}
+
+
+def _rank_checksums(accelerator, model) -> list[float]:
+    """One number per rank summarising the weights: DDP keeps them equal, and we check."""
+    total = torch.zeros(1, dtype=torch.float64, device=accelerator.device)
+    for p in model.parameters():
+        total += p.detach().double().sum()
+    return [float(x) for x in accelerator.gather(total).cpu()]
+
+
+def _step(batch, cfg, vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, dropout, device, dtype):
+    with torch.no_grad():
+        latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
+        latents = (latents * vae.config.scaling_factor).float()
+        encoder_hidden_states = encode_prompts(tokenizer, text_encoder, dropout(batch["text"]), device)
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    down, mid = controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states.float(),
+                           controlnet_cond=batch["conditioning_pixel_values"].to(device), return_dict=False)
+    unet_dtype = next(unet.parameters()).dtype
+    prediction = unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(unet_dtype),
+                      down_block_additional_residuals=None if cfg.only_mid_control else [d.to(unet_dtype) for d in down],
+                      mid_block_additional_residual=mid.to(unet_dtype), return_dict=False)[0]
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def _optimizer(cfg: TrainConfig, params):
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def _tracker_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard" if name == "tensorboard" else "wandb") is not None
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None) -> None:
+    """Model, optimizer, lr schedule, RNG states (and our prompt-dropout generator) via
+    accelerate, plus the step; at most `keep` checkpoints stay."""
+    path = output_dir / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / "controlforge_state.json").write_text(json.dumps({"global_step": step}))
+        if keep:
+            for old in checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _validation_batch(urls: list[str], cfg: TrainConfig) -> dict[str, Any]:
+    """Fixed validation conditions: the first samples of the first shard, centre-cropped."""
+    import random
+
+    import numpy as np
+    import webdataset as wds
+
+    from .data import collate, joint_crop_flip, to_tensors
+
+    samples = []
+    for sample in wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False).decode("pil"):
+        image, cond = joint_crop_flip(np.asarray(sample["jpg"].convert("RGB")),
+                                      np.asarray(sample[f"{cfg.condition}.png"].convert("RGB")),
+                                      cfg.resolution, random.Random(0), False)
+        samples.append({**dict(zip(("pixel_values", "conditioning_pixel_values"), to_tensors(image, cond))),
+                        "text": sample.get("txt", "")})
+        if len(samples) >= cfg.num_validation_images:
+            break
+    return collate(samples)
+
+
+def run_validation(batch, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet, step, dtype) -> Path:
+    """Sample with the models already in memory (no second pipeline load); save condition | result rows."""
+    import numpy as np
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+        controlnet=accelerator.unwrap_model(controlnet),
+        scheduler=DDIMScheduler.from_pretrained(cfg.pretrained_model, subfolder="scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    conditions = [Image.fromarray((c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                  for c in batch["conditioning_pixel_values"]]
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
+    with torch.autocast(accelerator.device.type, enabled=dtype != torch.float32):
+        images = pipe(batch["text"], conditions, num_inference_steps=cfg.validation_inference_steps,
+                      generator=generator, height=cfg.resolution, width=cfg.resolution).images
+    size = cfg.resolution
+    grid = Image.new("RGB", (2 * size, len(images) * size))
+    for row, (cond, image) in enumerate(zip(conditions, images)):
+        grid.paste(cond, (0, row * size))
+        grid.paste(image, (size, row * size))
+    folder = Path(cfg.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:07d}.png"
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+    return path
+
