@@ -8,6 +8,7 @@ Ray Train worker: the same function, Accelerator handles the distribution.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -98,7 +99,9 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
     return text_encoder(ids, return_dict=False)[0]
 
 
-def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
+def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`batches`: train on these, cycled, instead of streaming the shards (benchmarks
+    compare the two)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -151,7 +154,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         log(f"resumed from {resume_from} at step {global_step}")
     dataset = make_dataset(urls, cfg.condition, cfg.resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer,
                            cfg.flip_enabled, skip_batches=global_step * cfg.gradient_accumulation_steps)
-    loader = make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
+    loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
     validation = _validation_batch(urls, cfg) if cfg.num_validation_images and accelerator.is_main_process else None
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
