@@ -175,3 +175,27 @@ def test_two_processes_under_torchrun_and_two_ray_train_workers_agree(setup, tmp
     on_ray = json.loads((tmp_path / "ray" / "train_state.json").read_text())
     assert on_ray["world_size"] == 2 and len(set(on_ray["rank_checksums"])) == 1
     assert on_ray["rank_checksums"] == ddp["rank_checksums"], "same seeds and data: same weights either way"
+
+
+def test_training_from_a_published_datasets_folder(setup, tmp_path):
+    """Users of other tools come with diffusers' columns: our own publish output is one such dataset."""
+    from pipeline.publish import publish
+
+    root, _ = setup
+    folder = publish(str(root / "shards"), to=str(tmp_path / "hf"), val_fraction=0.0, log=lambda *_: None)
+    result = train(config(setup, tmp_path / "from-hf", shards=[], dataset=str(folder), max_train_steps=2),
+                   log=lambda *_: None)
+    assert result["global_step"] == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+def test_ema_weights_are_what_gets_saved(setup, tmp_path):
+    from diffusers import ControlNetModel
+
+    _, sd = setup
+    raw = train(config(setup, tmp_path / "raw"), log=lambda *_: None)["models"]["controlnet"].state_dict()
+    train(config(setup, tmp_path / "ema", use_ema=True, ema_decay=0.9), log=lambda *_: None)
+    ema = ControlNetModel.from_pretrained(tmp_path / "ema").state_dict()
+    _, _, _, unet, _ = load_frozen(str(sd), torch.float32)
+    init = make_controlnet(unet).state_dict()
+    distance = lambda a: sum(float((a[k] - init[k]).float().norm()) for k in init)  # noqa: E731
+    assert 0 < distance(ema) < distance(raw), "the EMA lags the raw weights"

@@ -42,8 +42,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
     try:
         cfg = load_config(args.config, overrides, TrainConfig)
-        if not cfg.shards:
-            raise ConfigError("no shards: pass --shards (a build folder, .tar files, brace patterns or URLs)")
+        if not cfg.shards and not cfg.dataset:
+            raise ConfigError("no data: pass --shards (a build folder, .tar files, brace patterns or URLs) or --dataset")
         if cfg.ray:
             from .ray_train import train_on_ray
 

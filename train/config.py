@@ -11,6 +11,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shards: list[str] = Field(default_factory=list, description="build folders, .tar paths, brace patterns, http(s)/fsspec URLs")
+    dataset: str | None = Field(None, description="instead of shards: a datasets folder or hub id with image/conditioning_image/text")
     condition: str = "canny"
     pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     controlnet: str | None = Field(None, description="resume from an existing ControlNet (hub id or folder) instead of copying the UNet")
@@ -52,6 +53,8 @@ class TrainConfig(BaseModel):
     validation_inference_steps: int = Field(20, ge=1)
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     seed: int = 0
+    use_ema: bool = Field(False, description="keep an EMA of the ControlNet weights and save that")
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
 
     ray: bool = Field(False, description="run the same loop under Ray Train's TorchTrainer (RAY_ADDRESS / ray job submit)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each)")

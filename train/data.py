@@ -137,3 +137,49 @@ def make_loader(dataset, num_workers: int, seed: int = 0) -> torch.utils.data.Da
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        persistent_workers=num_workers > 0,
                                        generator=torch.Generator().manual_seed(seed))
+
+
+def hf_rows_as_samples(rows, condition: str, image_column: str = "image",
+                       conditioning_column: str = "conditioning_image", text_column: str = "text"):
+    """Rows of a `datasets` dataset with diffusers' columns, as the shard samples Augment reads."""
+    for row in rows:
+        yield {"jpg": row[image_column], f"{condition}.png": row[conditioning_column], "txt": row[text_column] or "",
+               "__key__": row.get("key")}
+
+
+def make_hf_dataset(source: str, condition: str, resolution: int, batch_size: int, seed: int,
+                    shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0, config_name: str | None = None):
+    """A `datasets` dataset (save_to_disk folder, a published folder/repo with one config
+    per condition, or any hub id with diffusers' columns), streamed and repeated."""
+    import datasets
+    import webdataset as wds
+    from datasets.distributed import split_dataset_by_node
+
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
+        dataset = datasets.load_from_disk(source).to_iterable_dataset()
+    else:
+        dataset = datasets.load_dataset(source, config_name or condition if _has_config(source, condition) else config_name,
+                                        split="train", streaming=True)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dataset = split_dataset_by_node(dataset, rank=int(os.environ.get("RANK", 0)), world_size=world)
+    dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+
+    def forever():
+        epoch = 0
+        while True:
+            dataset.set_epoch(epoch)
+            yield from hf_rows_as_samples(dataset, condition)
+            epoch += 1
+
+    return wds.DataPipeline(forever, Augment(condition, resolution, flip, seed),
+                            wds.batched(batch_size, collation_fn=collate, partial=False), SkipBatches(skip_batches))
+
+
+def _has_config(source: str, condition: str) -> bool:
+    try:
+        import datasets
+
+        return condition in datasets.get_dataset_config_names(source)
+    except Exception:
+        return False

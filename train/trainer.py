@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .data import expand_shards, make_dataset, make_loader
+from .data import expand_shards, make_dataset, make_hf_dataset, make_loader
 
 
 class TrainError(RuntimeError):
@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    urls = expand_shards(cfg.shards)
+    urls = expand_shards(cfg.shards) if not cfg.dataset else []
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_frozen(cfg.pretrained_model, weight_dtype)
     controlnet = make_controlnet(unet, cfg.controlnet)
     controlnet.train()
@@ -142,6 +142,12 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         controlnet = torch.compile(controlnet)
     dropout = PromptDropout(cfg.prompt_dropout, cfg.seed + accelerator.process_index)
     accelerator.register_for_checkpointing(dropout)
+    ema = None
+    if cfg.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(controlnet).parameters(), decay=cfg.ema_decay)
+        accelerator.register_for_checkpointing(ema)
     device = accelerator.device
     for module in (text_encoder, vae) + (() if cfg.unlock_decoder else (unet,)):
         module.to(device)
@@ -152,10 +158,12 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         accelerator.load_state(str(resume_from))
         global_step = json.loads((resume_from / "controlforge_state.json").read_text())["global_step"]
         log(f"resumed from {resume_from} at step {global_step}")
-    dataset = make_dataset(urls, cfg.condition, cfg.resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer,
-                           cfg.flip_enabled, skip_batches=global_step * cfg.gradient_accumulation_steps)
+    data_args = (cfg.condition, cfg.resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer, cfg.flip_enabled,
+                 global_step * cfg.gradient_accumulation_steps)
+    dataset = make_hf_dataset(cfg.dataset, *data_args) if cfg.dataset else make_dataset(urls, *data_args)
     loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
-    validation = _validation_batch(urls, cfg) if cfg.num_validation_images and accelerator.is_main_process else None
+    validation = (_validation_batch(urls, cfg) if urls and cfg.num_validation_images and accelerator.is_main_process
+                  else None)
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
                                                           if isinstance(v, (int, float, str, bool))})
@@ -179,6 +187,9 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         samples_seen += len(batch["text"]) * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
+        if ema is not None:
+            ema.to(device)
+            ema.step(accelerator.unwrap_model(controlnet).parameters())
         global_step += 1
         elapsed = time.perf_counter() - started
         progress.update(1)
@@ -196,6 +207,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     checksums = _rank_checksums(accelerator, accelerator.unwrap_model(controlnet))
     if len(set(checksums)) > 1:
         raise TrainError(f"ControlNet weights differ across ranks after training: {checksums}")
+    if ema is not None:
+        ema.copy_to(accelerator.unwrap_model(controlnet).parameters())  # the saved model is the EMA one
     if accelerator.is_main_process:
         accelerator.unwrap_model(controlnet).save_pretrained(output_dir)  # config.json + safetensors
         (output_dir / "train_state.json").write_text(json.dumps(
