@@ -1,0 +1,132 @@
+"""Sampler guidance modes, ControlNet composition, auto prompts, controllability metrics
+and the sudden-convergence detector. Models are tiny with random weights (the
+ControlNets' zero convolutions are perturbed so their residuals are not zero): these
+check mechanics, not image quality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from train.metrics import edge_f1, miou, normal_angle_error, rmse, ssim, sudden_convergence
+from train.sampler import Control, control_residuals, control_weights, sample
+
+SD15_SIZES = [64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8, 8]  # 12 down residuals + mid, at 512 px
+
+
+def test_guidance_weights_per_mode():
+    assert control_weights("paper", SD15_SIZES) == [1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8]
+    assert control_weights("paper", [96, 96, 96, 48, 48, 48, 24, 24, 24, 12, 12, 12, 12]) == \
+        [1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8], "768 px: same ratios from the actual sizes"
+    assert control_weights("paper", [8, 8, 4, 4, 4]) == [1, 1, 2, 2, 2]
+    soft = control_weights("lllyasviel", SD15_SIZES)
+    assert soft[-1] == 1.0 and soft[0] == pytest.approx(0.825 ** 12) and soft[6] == pytest.approx(0.825 ** 6)
+    guess = control_weights("diffusers", SD15_SIZES)
+    assert guess[0] == pytest.approx(0.1) and guess[-1] == pytest.approx(1.0)
+    assert np.allclose(np.log10(guess), np.linspace(-1, 0, 13))
+    assert control_weights("both", SD15_SIZES) == [1.0] * 13
+    with pytest.raises(ValueError):
+        control_weights("nope", SD15_SIZES)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny_models import make_tiny_sd
+    from train.trainer import load_frozen, make_controlnet
+
+    sd = make_tiny_sd(tmp_path_factory.mktemp("sd"))
+    tokenizer, text_encoder, vae, unet, _ = load_frozen(str(sd), torch.float32)
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        net = make_controlnet(unet)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.02)  # as if trained: zero convolutions no longer zero
+        nets.append(net.eval())
+    return {"sd": sd, "tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "nets": nets}
+
+
+def scheduler(sd):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_pretrained(str(sd), subfolder="scheduler")
+
+
+def test_two_controlnets_sum_their_residuals(tiny):
+    torch.manual_seed(0)
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor(500), torch.randn(1, 16, 32)
+    a = Control(tiny["nets"][0], torch.rand(1, 3, 64, 64), 0.7)
+    b = Control(tiny["nets"][1], torch.rand(1, 3, 64, 64), 1.3)
+    with torch.no_grad():
+        down_a, mid_a = control_residuals([a], x, t, text)
+        down_b, mid_b = control_residuals([b], x, t, text)
+        down, mid = control_residuals([a, b], x, t, text)
+    assert mid_a.abs().sum() > 0 and mid_b.abs().sum() > 0
+    assert all(torch.allclose(d, da + db, atol=1e-6) for d, da, db in zip(down, down_a, down_b))
+    assert torch.allclose(mid, mid_a + mid_b, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["paper", "both"])
+def test_where_the_control_goes(tiny, mode):
+    """paper: the unconditional UNet call gets no residuals; both: every call gets them."""
+    unet = tiny["unet"]
+    calls = []
+    original = unet.forward
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("down_block_additional_residuals") is not None)
+        return original(*args, **kwargs)
+
+    unet.forward = recording
+    try:
+        control = Control(tiny["nets"][0], torch.rand(1, 3, 64, 64))
+        result = sample(unet, tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler(tiny["sd"]), [control],
+                        ["a cat"], mode=mode, steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0))
+    finally:
+        unet.forward = original
+    assert len(calls) == 4 and result.images[0].size == (64, 64)
+    assert calls == ([True, False, True, False] if mode == "paper" else [True, True, True, True])
+    assert result.weights == control_weights(mode, [8, 8, 4, 4, 4])  # tiny UNet: 4 down residuals + mid
+
+
+def test_metrics_on_known_answers():
+    rng = np.random.default_rng(0)
+    edges = np.zeros((64, 64), np.uint8)
+    edges[20, 10:50] = 255
+    edges[10:50, 30] = 255
+    assert edge_f1(edges, edges) == 1.0 and edge_f1(edges, np.zeros_like(edges)) == 0.0
+    shifted = np.roll(edges, 3, axis=0)
+    assert 0.0 < edge_f1(edges, shifted) < 0.8
+    soft = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+    assert ssim(soft, soft) == pytest.approx(1.0) and ssim(soft, 255 - soft) < 0.1
+    depth = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+    assert rmse(depth, depth) == 0.0 and rmse(np.zeros_like(depth), np.full_like(depth, 255)) == pytest.approx(1.0)
+    from stages.annotators.seg import colorize
+
+    ids = np.zeros((32, 32), np.int64)
+    ids[:, 16:] = 2
+    assert miou(colorize(ids), colorize(ids)) == 1.0
+    other = ids.copy()
+    other[:, 8:16] = 2  # a quarter of class 0 becomes class 2
+    assert miou(colorize(ids), colorize(other)) == pytest.approx((0.5 + 16 / 24) / 2)
+    up = np.zeros((8, 8, 3), np.uint8) + np.array([128, 128, 255], np.uint8)
+    assert normal_angle_error(up, up) == pytest.approx(0.0, abs=1e-6)
+    side = np.zeros((8, 8, 3), np.uint8) + np.array([255, 128, 128], np.uint8)
+    assert normal_angle_error(up, side) == pytest.approx(90.0, abs=1.0)
+
+
+def test_sudden_convergence_is_found_in_a_jump_and_not_in_flat_or_smooth_curves():
+    rng = np.random.default_rng(0)
+    steps = list(range(0, 3000, 100))
+    jump = [0.1 + rng.normal(0, 0.01) if s < 1700 else 0.6 + rng.normal(0, 0.01) for s in steps]
+    assert sudden_convergence(steps, jump) == 1700
+    flat = [0.3 + rng.normal(0, 0.01) for _ in steps]
+    assert sudden_convergence(steps, flat) is None
+    assert sudden_convergence(steps, np.linspace(0, 1, len(steps))) is None, "gradual learning is not sudden"
+    spike = [0.1] * len(steps)
+    spike[10] = 0.9
+    assert sudden_convergence(steps, spike) is None, "a one-off spike is not convergence"
+    errors = [1.0 - v for v in jump]  # a lower-is-better metric
+    assert sudden_convergence(steps, errors, higher_is_better=False) == 1700

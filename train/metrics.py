@@ -1,0 +1,133 @@
+"""Controllability: re-annotate a generated image and compare with the condition it was
+given (as ControlNet++ does), plus the sudden-convergence detector.
+
+Each metric takes the input condition map and the re-annotated map (uint8 arrays of
+one size) and returns one number; `higher_is_better` says which way is good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def edge_f1(reference: np.ndarray, predicted: np.ndarray, threshold: int = 127) -> float:
+    """F1 of edge pixels (both maps binarised at `threshold`); two blank maps score 1."""
+    ref, pred = reference > threshold, predicted > threshold
+    tp = float(np.logical_and(ref, pred).sum())
+    if not ref.any() and not pred.any():
+        return 1.0
+    precision = tp / max(pred.sum(), 1)
+    recall = tp / max(ref.sum(), 1)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def ssim(reference: np.ndarray, predicted: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    a, b = reference.astype(np.float64), predicted.astype(np.float64)
+    return float(structural_similarity(a, b, data_range=255.0, channel_axis=-1 if a.ndim == 3 else None))
+
+
+def rmse(reference: np.ndarray, predicted: np.ndarray) -> float:
+    """On maps scaled to [0, 1] (depth is per-image normalised)."""
+    scale = 65535.0 if reference.dtype == np.uint16 else 255.0
+    return float(np.sqrt(np.mean((reference.astype(np.float64) / scale - predicted.astype(np.float64) / scale) ** 2)))
+
+
+def palette_ids(seg: np.ndarray) -> np.ndarray:
+    """ADE20K colours back to class ids (-1 for colours not in the palette)."""
+    from stages.annotators.seg import ade20k_palette
+
+    palette = ade20k_palette().astype(np.int64)
+    codes = (seg[..., 0].astype(np.int64) << 16) | (seg[..., 1].astype(np.int64) << 8) | seg[..., 2]
+    lookup = {int(c): i for i, c in enumerate((palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2])}
+    out = np.full(codes.shape, -1, np.int64)
+    for code in np.unique(codes):
+        out[codes == code] = lookup.get(int(code), -1)
+    return out
+
+
+def miou(reference: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean IoU over the ADE20K classes present in either map."""
+    ref, pred = palette_ids(reference), palette_ids(predicted)
+    classes = [c for c in np.union1d(np.unique(ref), np.unique(pred)) if c >= 0]
+    if not classes:
+        return 1.0
+    ious = [np.logical_and(ref == c, pred == c).sum() / np.logical_or(ref == c, pred == c).sum() for c in classes]
+    return float(np.mean(ious))
+
+
+def normal_angle_error(reference: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean angle in degrees between the normals two RGB normal maps encode."""
+    def vectors(rgb):
+        v = rgb.astype(np.float64) / 127.5 - 1.0
+        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
+
+    cos = np.clip((vectors(reference) * vectors(predicted)).sum(-1), -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos)).mean())
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray], float]
+    higher_is_better: bool = True
+
+
+#: the metric each condition is judged by
+METRICS: dict[str, Metric] = {
+    "canny": Metric("f1", edge_f1),
+    "mlsd": Metric("f1", edge_f1),
+    "hed": Metric("ssim", ssim),
+    "lineart": Metric("ssim", ssim),
+    "lineart_anime": Metric("ssim", ssim),
+    "scribble": Metric("ssim", ssim),
+    "depth": Metric("rmse", rmse, higher_is_better=False),
+    "seg": Metric("miou", miou),
+    "normal": Metric("angular_error", normal_angle_error, higher_is_better=False),
+}
+
+
+def controllability(condition: str, annotator, conditions: Sequence[np.ndarray], images: Sequence[np.ndarray],
+                    seed: int = 0) -> float:
+    """Mean metric over images: each generated image is re-annotated and compared with its condition.
+    Random-threshold annotators (canny) are called with the same seed for every image."""
+    if condition not in METRICS:
+        raise ValueError(f"no controllability metric for {condition!r}; have {sorted(METRICS)}")
+    metric = METRICS[condition]
+    scores = []
+    for cond, image in zip(conditions, images):
+        again, _ = annotator(np.asarray(image), np.random.default_rng(seed))
+        cond = np.asarray(cond)
+        if cond.ndim == 3 and again.ndim == 2:
+            cond = cond[..., 0]
+        scores.append(metric.fn(cond, again))
+    return float(np.mean(scores))
+
+
+def sudden_convergence(steps: Sequence[int], values: Sequence[float], higher_is_better: bool = True,
+                       min_rise: float | None = None) -> int | None:
+    """The step where the metric jumps, or None.
+
+    Rule: the largest rise between consecutive evaluations, counted only if (a) it is at
+    least `min_rise` (default: 3x the median absolute change), (b) it is confirmed: the next
+    evaluation (if any) keeps at least half of the rise, and (c) it is a step, not a spike:
+    the mean after it exceeds the mean before it by at least half the rise. The returned
+    step is the evaluation after the jump."""
+    v = np.asarray(values, np.float64) * (1 if higher_is_better else -1)
+    if len(v) < 3:
+        return None
+    rises = np.diff(v)
+    i = int(np.argmax(rises))
+    rise = rises[i]
+    floor = min_rise if min_rise is not None else max(3 * float(np.median(np.abs(rises))), 1e-9)
+    if rise <= 0 or rise < floor:
+        return None
+    if i + 2 < len(v) and v[i + 2] < v[i] + rise / 2:
+        return None
+    if v[i + 1:].mean() - v[:i + 1].mean() < rise / 2:
+        return None
+    return int(steps[i + 1])
