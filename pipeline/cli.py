@@ -32,6 +32,16 @@ def make_parser() -> argparse.ArgumentParser:
                              description=train_cli.__doc__)
     train_cli.add_arguments(p_train)
     p_train.set_defaults(func=train_cli.run_from_args)
+    from train import sample_cli
+
+    p_sample = sub.add_parser("sample", help="sample trained ControlNets (prompt modes, guidance weighting)",
+                              description=sample_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample_cli.add_sample_arguments(p_sample)
+    p_sample.set_defaults(func=sample_cli.run_sample_from_args)
+    p_eval = sub.add_parser("eval", help="controllability of samples: re-annotate and compare with the condition",
+                            description=sample_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample_cli.add_eval_arguments(p_eval)
+    p_eval.set_defaults(func=sample_cli.run_eval_from_args)
     return parser
 
 

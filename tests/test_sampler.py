@@ -130,3 +130,55 @@ def test_sudden_convergence_is_found_in_a_jump_and_not_in_flat_or_smooth_curves(
     assert sudden_convergence(steps, spike) is None, "a one-off spike is not convergence"
     errors = [1.0 - v for v in jump]  # a lower-is-better metric
     assert sudden_convergence(steps, errors, higher_is_better=False) == 1700
+
+
+def test_auto_prompt_runs_the_two_pass_recipe_with_blip(tiny, tiny_blip):
+    from stages.captioner import BlipCaptioner
+    from train.sample_cli import resolve_prompt
+
+    captioner = BlipCaptioner(str(tiny_blip), max_new_tokens=5, num_beams=1)
+    passes = []
+
+    def first_pass(prompt):
+        passes.append(prompt)
+        control = Control(tiny["nets"][0], torch.rand(1, 3, 64, 64))
+        return sample(tiny["unet"], tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler(tiny["sd"]),
+                      [control], [prompt], steps=2, height=64, width=64,
+                      generator=torch.Generator().manual_seed(0)).images[0]
+
+    auto = resolve_prompt("auto", None, None, first_pass, captioner)
+    assert passes == ["a professional, detailed, high-quality image"], "first pass uses the default prompt"
+    draft = first_pass(passes[0])
+    assert auto["prompt"] == captioner([np.asarray(draft)])[0] and auto["prompt"].strip()
+    assert auto["prompt_source"].startswith("two-pass")
+    assert resolve_prompt("auto", None, "a caption from the shard", first_pass, captioner)["prompt"] == \
+        "a caption from the shard"
+    assert resolve_prompt("none", None, "x", first_pass, None)["prompt"] == ""
+    assert resolve_prompt("user", "my words", None, first_pass, None)["prompt"] == "my words"
+
+
+def test_sample_and_eval_commands_end_to_end(tiny, tmp_path):
+    import json
+
+    from conftest import write_synthetic
+    from pipeline.build import run_build
+    from pipeline.cli import main
+    from pipeline.config import BuildConfig
+
+    tiny["nets"][0].save_pretrained(tmp_path / "cn")
+    write_synthetic(tmp_path / "in", 2)
+    for i in range(2):
+        (tmp_path / "in" / f"synth_{i:04d}.txt").write_text(f"shapes number {i}")
+    run_build(BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "b"), resolution=64, min_size=64,
+                          caption_model="none", executor="local", preview=0), log=lambda *_: None)
+    code = main(["sample", "--pretrained-model", str(tiny["sd"]), "--controlnet", str(tmp_path / "cn"),
+                 "--shard", str(tmp_path / "b" / "shards" / "00000.tar"), "--num", "2", "--steps", "2",
+                 "--resolution", "64", "--prompt-mode", "auto", "--output", str(tmp_path / "s")])
+    assert code == 0
+    records = [json.loads((tmp_path / "s" / f"{i:04d}.json").read_text()) for i in range(2)]
+    assert {r["prompt"] for r in records} == {"shapes number 0", "shapes number 1"}, "auto uses source captions"
+    assert records[0]["guidance_mode"] == "paper" and records[0]["seed"] == 0 and records[1]["seed"] == 1
+    assert (tmp_path / "s" / "contact_sheet.png").exists()
+    assert main(["eval", str(tmp_path / "s"), "--condition", "canny"]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["metric"] == "f1" and len(report["samples"]) == 2 and 0.0 <= report["mean"] <= 1.0

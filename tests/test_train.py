@@ -199,3 +199,24 @@ def test_ema_weights_are_what_gets_saved(setup, tmp_path):
     init = make_controlnet(unet).state_dict()
     distance = lambda a: sum(float((a[k] - init[k]).float().norm()) for k in init)  # noqa: E731
     assert 0 < distance(ema) < distance(raw), "the EMA lags the raw weights"
+
+
+def test_validation_tracks_controllability_and_plots_it(setup, tmp_path):
+    out = tmp_path / "val"
+    train(config(setup, out, max_train_steps=3, validation_steps=1, num_validation_images=2,
+                 validation_inference_steps=2), log=lambda *_: None)
+    record = json.loads((out / "controllability.json").read_text())
+    assert record["metric"] == "f1" and record["steps"] == [1, 2, 3]
+    assert all(0.0 <= v <= 1.0 for v in record["values"]) and (out / "controllability.png").exists()
+
+
+def test_stop_after_convergence_rule():
+    from train.metrics import ConvergenceTracker
+
+    tracker = ConvergenceTracker()
+    for step, value in zip(range(100, 1100, 100), [0.1, 0.11, 0.1, 0.12, 0.6, 0.62, 0.61, 0.63, 0.6, 0.62]):
+        tracker.add(step, value)
+        if step < 600:
+            assert tracker.converged_at is None, "a jump counts once the next evaluation confirms it"
+    assert tracker.converged_at == 500
+    assert not tracker.should_stop(600, 200) and tracker.should_stop(700, 200) and not tracker.should_stop(700, None)

@@ -51,6 +51,8 @@ class TrainConfig(BaseModel):
     validation_steps: int = Field(500, ge=1)
     num_validation_images: int = Field(4, ge=0)
     validation_inference_steps: int = Field(20, ge=1)
+    validation_annotator: dict[str, Any] = Field(default_factory=dict, description="parameters of the condition's annotator (e.g. weights) for the controllability metric")
+    stop_after_convergence: int | None = Field(None, ge=0, description="end the run this many steps after sudden convergence")
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     seed: int = 0
     use_ema: bool = Field(False, description="keep an EMA of the ControlNet weights and save that")

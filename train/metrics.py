@@ -114,7 +114,7 @@ def sudden_convergence(steps: Sequence[int], values: Sequence[float], higher_is_
 
     Rule: the largest rise between consecutive evaluations, counted only if (a) it is at
     least `min_rise` (default: 3x the median absolute change), (b) it is confirmed: the next
-    evaluation (if any) keeps at least half of the rise, and (c) it is a step, not a spike:
+    evaluation exists and keeps at least half of the rise, and (c) it is a step, not a spike:
     the mean after it exceeds the mean before it by at least half the rise. The returned
     step is the evaluation after the jump."""
     v = np.asarray(values, np.float64) * (1 if higher_is_better else -1)
@@ -126,8 +126,60 @@ def sudden_convergence(steps: Sequence[int], values: Sequence[float], higher_is_
     floor = min_rise if min_rise is not None else max(3 * float(np.median(np.abs(rises))), 1e-9)
     if rise <= 0 or rise < floor:
         return None
-    if i + 2 < len(v) and v[i + 2] < v[i] + rise / 2:
-        return None
+    if i + 2 >= len(v) or v[i + 2] < v[i] + rise / 2:
+        return None  # not confirmed (yet)
     if v[i + 1:].mean() - v[:i + 1].mean() < rise / 2:
         return None
     return int(steps[i + 1])
+
+
+class ConvergenceTracker:
+    """The metric over training; the sudden-convergence step once the rule finds one
+    (it is kept once found); whether a run asked to stop K steps after it should stop."""
+
+    def __init__(self, higher_is_better: bool = True):
+        self.higher_is_better = higher_is_better
+        self.steps: list[int] = []
+        self.values: list[float] = []
+        self.converged_at: int | None = None
+
+    def add(self, step: int, value: float) -> int | None:
+        self.steps.append(step)
+        self.values.append(value)
+        if self.converged_at is None:
+            self.converged_at = sudden_convergence(self.steps, self.values, self.higher_is_better)
+        return self.converged_at
+
+    def should_stop(self, step: int, after: int | None) -> bool:
+        return after is not None and self.converged_at is not None and step >= self.converged_at + after
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "values": self.values, "higher_is_better": self.higher_is_better,
+                "sudden_convergence_step": self.converged_at}
+
+    def plot(self, path, title: str = "controllability") -> None:
+        """A small line chart as PNG (PIL only: no plotting dependency)."""
+        from PIL import Image, ImageDraw
+
+        width, height, pad = 640, 320, 40
+        image = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((pad, pad // 2, width - pad // 2, height - pad), outline="black")
+        if self.steps:
+            lo, hi = min(self.values), max(self.values)
+            span_v = (hi - lo) or 1.0
+            span_s = (max(self.steps) - min(self.steps)) or 1
+            points = [(pad + (s - min(self.steps)) / span_s * (width - 1.5 * pad),
+                       height - pad - (v - lo) / span_v * (height - 1.5 * pad)) for s, v in zip(self.steps, self.values)]
+            if len(points) > 1:
+                draw.line(points, fill="blue", width=2)
+            for x, y in points:
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill="blue")
+            if self.converged_at is not None:
+                x = pad + (self.converged_at - min(self.steps)) / span_s * (width - 1.5 * pad)
+                draw.line((x, pad // 2, x, height - pad), fill="red", width=1)
+                draw.text((x + 4, pad // 2 + 4), f"sudden convergence: step {self.converged_at}", fill="red")
+            draw.text((4, height - pad - 8), f"{lo:.3g}", fill="black")
+            draw.text((4, pad // 2), f"{hi:.3g}", fill="black")
+        draw.text((pad, height - pad + 8), f"{title} vs step", fill="black")
+        image.save(path)

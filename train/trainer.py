@@ -164,6 +164,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
     validation = (_validation_batch(urls, cfg) if urls and cfg.num_validation_images and accelerator.is_main_process
                   else None)
+    tracker = _controllability_tracker(cfg) if validation is not None else None
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
                                                           if isinstance(v, (int, float, str, bool))})
@@ -199,9 +200,16 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
             save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
-        if validation is not None and global_step % cfg.validation_steps == 0:
-            run_validation(validation, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet, global_step,
-                           weight_dtype)
+        if global_step % cfg.validation_steps == 0 and cfg.num_validation_images:
+            stop = 0
+            if validation is not None:
+                images = run_validation(validation, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet,
+                                        global_step, weight_dtype)
+                if tracker is not None:
+                    stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator, log))
+            if _broadcast_flag(accelerator, stop):
+                log(f"stopping {cfg.stop_after_convergence} steps after sudden convergence (step {global_step})")
+                break
     progress.close()
     accelerator.wait_for_everyone()
     checksums = _rank_checksums(accelerator, accelerator.unwrap_model(controlnet))
@@ -330,5 +338,48 @@ def run_validation(batch, cfg, accelerator, vae, text_encoder, tokenizer, unet, 
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
-    return path
+    return images
+
+
+def _controllability_tracker(cfg: TrainConfig):
+    from .metrics import METRICS, ConvergenceTracker
+
+    metric = METRICS.get(cfg.condition)
+    if metric is None:
+        return None
+    from stages.annotators import create
+
+    annotator = create([cfg.condition], {cfg.condition: cfg.validation_annotator} if cfg.validation_annotator else {})
+    tracker = ConvergenceTracker(metric.higher_is_better)
+    tracker.annotator = annotator[cfg.condition]
+    return tracker
+
+
+def _track_controllability(tracker, batch, images, cfg, step, accelerator, log) -> bool:
+    """Re-annotate the validation samples, log the metric, look for sudden convergence."""
+    import numpy as np
+
+    from .metrics import METRICS, controllability
+
+    conditions = [(c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for c in batch["conditioning_pixel_values"]]
+    value = controllability(cfg.condition, tracker.annotator, conditions, images, seed=cfg.seed)
+    before = tracker.converged_at
+    tracker.add(step, value)
+    name = METRICS[cfg.condition].name
+    accelerator.log({f"controllability/{name}": value}, step=step)
+    if tracker.converged_at is not None and before is None:
+        log(f"sudden convergence detected at step {tracker.converged_at} ({name})")
+    out = Path(cfg.output_dir)
+    (out / "controllability.json").write_text(json.dumps({"metric": name, **tracker.to_json()}, indent=1))
+    tracker.plot(out / "controllability.png", f"{cfg.condition} {name}")
+    return tracker.should_stop(step, cfg.stop_after_convergence)
+
+
+def _broadcast_flag(accelerator, flag: int) -> bool:
+    """The main process decides; every rank must leave the loop together."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    from accelerate.utils import broadcast
+
+    return bool(broadcast(torch.tensor([flag], device=accelerator.device)).item())
 

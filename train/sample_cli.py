@@ -1,0 +1,211 @@
+"""`controlforge sample`: the paper's auto-prompt sampler, and `controlforge eval`.
+
+sample: one or more ControlNets, each with its condition image (or conditions drawn
+from a shard), prompt modes none / default / auto / user, DDIM, CFG and a guidance
+weighting mode. Writes NNNN.png, NNNN.json (prompt, modes, seed, weights),
+NNNN_condition.png and contact_sheet.png (condition | generated | prompt).
+
+eval: re-annotates each generated image with the condition's annotator, compares it
+with the condition it was given, and writes report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .sampler import DEFAULT_PROMPT, MODES, Control, sample
+
+PROMPT_MODES = ("none", "default", "auto", "user")
+
+
+def resolve_prompt(mode: str, user_prompt: str | None, source_caption: str | None,
+                   first_pass: Callable[[str], Image.Image], captioner: Callable[[list], list[str]] | None) -> dict[str, Any]:
+    """The prompt a mode gives, and how it was found (recorded in the json).
+
+    auto: the source image's caption when there is one; else the paper's two passes:
+    generate with the default prompt, caption that result with BLIP, use the caption."""
+    if mode == "none":
+        return {"prompt": "", "prompt_source": "none"}
+    if mode == "default":
+        return {"prompt": DEFAULT_PROMPT, "prompt_source": "default"}
+    if mode == "user":
+        if not user_prompt:
+            raise ValueError("--prompt-mode user needs --prompt")
+        return {"prompt": user_prompt, "prompt_source": "user"}
+    if mode != "auto":
+        raise ValueError(f"prompt mode must be one of {PROMPT_MODES}")
+    if source_caption:
+        return {"prompt": source_caption, "prompt_source": "source caption"}
+    if captioner is None:
+        raise ValueError("--prompt-mode auto without source captions needs --caption-model")
+    draft = first_pass(DEFAULT_PROMPT)
+    caption = captioner([np.asarray(draft)])[0]
+    return {"prompt": caption, "prompt_source": "two-pass: BLIP caption of a default-prompt sample"}
+
+
+def conditions_from_shard(shard: str, condition: str, n: int) -> list[tuple[Image.Image, str | None, str]]:
+    import webdataset as wds
+
+    found = []
+    for sample_ in wds.WebDataset(shard, shardshuffle=False, empty_check=False):
+        if f"{condition}.png" in sample_:
+            caption = sample_.get("txt", b"").decode("utf-8").strip() or None
+            found.append((Image.open(io.BytesIO(sample_[f"{condition}.png"])).convert("RGB"), caption, sample_["__key__"]))
+        if len(found) >= n:
+            break
+    if not found:
+        raise ValueError(f"{shard}: no sample with a {condition}.png")
+    return found
+
+
+def _tensor(image: Image.Image, size: int) -> torch.Tensor:
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def contact_sheet(rows: list[tuple[Image.Image, Image.Image, str]], cell: int = 256) -> Image.Image:
+    sheet = Image.new("RGB", (cell * 3, cell * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (cond, image, prompt) in enumerate(rows):
+        sheet.paste(cond.convert("RGB").resize((cell, cell)), (0, i * cell))
+        sheet.paste(image.resize((cell, cell)), (cell, i * cell))
+        draw.multiline_text((2 * cell + 6, i * cell + 6), "\n".join(textwrap.wrap(prompt or "(empty prompt)", 34)[:12]),
+                            fill="black")
+    return sheet
+
+
+def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
+    from diffusers import ControlNetModel, DDIMScheduler
+
+    from .trainer import load_frozen
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    tokenizer, text_encoder, vae, unet, _ = load_frozen(args.pretrained_model, dtype)
+    unet, vae, text_encoder = unet.to(device, dtype), vae.to(device), text_encoder.to(device)
+    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model, subfolder="scheduler")
+    nets = [ControlNetModel.from_pretrained(p).to(device, dtype).eval() for p in args.controlnet]
+    scales = args.scale or [1.0] * len(nets)
+    if len(scales) != len(nets):
+        raise ValueError("give one --scale per --controlnet")
+    if args.shard:
+        if len(nets) != 1:
+            raise ValueError("--shard draws conditions for one ControlNet; use --image per ControlNet for several")
+        jobs = [([cond], caption, key) for cond, caption, key in conditions_from_shard(args.shard, args.condition, args.num)]
+    else:
+        if len(args.image or []) != len(nets):
+            raise ValueError("give one --image per --controlnet (or --shard)")
+        jobs = [([Image.open(p) for p in args.image], None, Path(args.image[0]).stem)]
+    captioner = None
+    if args.prompt_mode == "auto" and args.caption_model:
+        from stages.captioner import BlipCaptioner
+
+        captioner = BlipCaptioner(args.caption_model, max_new_tokens=30)
+    records, rows = [], []
+    for index, (images, caption, name) in enumerate(jobs):
+        seed = args.seed + index
+        controls = [Control(net, _tensor(img, args.resolution).to(device, dtype), s) for net, img, s in
+                    zip(nets, images, scales)]
+
+        def generate(prompt: str):
+            return sample(unet, vae, text_encoder, tokenizer, scheduler, controls, [prompt], args.negative_prompt,
+                          args.mode, args.steps, args.guidance_scale, args.resolution, args.resolution,
+                          torch.Generator().manual_seed(seed))
+
+        prompt = resolve_prompt(args.prompt_mode, args.prompt, caption, lambda p: generate(p).images[0], captioner)
+        result = generate(prompt["prompt"])
+        record = {"index": index, "source": name, **prompt, "prompt_mode": args.prompt_mode,
+                  "negative_prompt": args.negative_prompt, "guidance_mode": args.mode, "weights": result.weights,
+                  "seed": seed, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                  "controlnets": list(args.controlnet), "scales": scales, "condition": args.condition}
+        result.images[0].save(out / f"{index:04d}.png")
+        images[0].convert("RGB").resize((args.resolution, args.resolution)).save(out / f"{index:04d}_condition.png")
+        (out / f"{index:04d}.json").write_text(json.dumps(record, indent=1))
+        records.append(record)
+        rows.append((images[0], result.images[0], prompt["prompt"]))
+        log(f"  {index:04d}: {prompt['prompt_source']}: {prompt['prompt']!r}")
+    contact_sheet(rows).save(out / "contact_sheet.png")
+    log(f"wrote {len(records)} samples and contact_sheet.png to {out}")
+    return records
+
+
+def run_eval(folder: str, condition: str, annotator_params: dict | None = None, log=print) -> dict[str, Any]:
+    from stages.annotators import create
+
+    from .metrics import METRICS, controllability
+
+    root = Path(folder)
+    annotator = create([condition], {condition: annotator_params} if annotator_params else {})[condition]
+    annotator.setup()
+    metric = METRICS[condition]
+    per_image = []
+    for record_path in sorted(root.glob("[0-9][0-9][0-9][0-9].json")):
+        stem = record_path.stem
+        cond = np.asarray(Image.open(root / f"{stem}_condition.png").convert("RGB" if annotator.mode == "RGB" else "L"))
+        image = np.asarray(Image.open(root / f"{stem}.png").convert("RGB"))
+        per_image.append({"sample": stem, metric.name: controllability(condition, annotator, [cond], [image])})
+    if not per_image:
+        raise ValueError(f"{folder}: no samples (NNNN.json + NNNN.png + NNNN_condition.png) to evaluate")
+    report = {"condition": condition, "metric": metric.name, "higher_is_better": metric.higher_is_better,
+              "mean": float(np.mean([r[metric.name] for r in per_image])), "samples": per_image,
+              "not_computed": "CLIP score and FID need their model weights locally; not computed"}
+    (root / "report.json").write_text(json.dumps(report, indent=1))
+    log(f"{condition} {metric.name}: {report['mean']:.4f} over {len(per_image)} samples -> {root / 'report.json'}")
+    return report
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="base model: hub id or folder")
+    add("--controlnet", action="append", required=True, help="repeatable: a trained ControlNet (folder or hub id)")
+    add("--image", action="append", help="repeatable: the condition image for each --controlnet")
+    add("--scale", action="append", type=float, help="repeatable: each ControlNet's scale (default 1)")
+    add("--shard", help="draw conditions (and source captions) from this shard instead of --image")
+    add("--condition", default="canny", help="the condition member to read from --shard (default canny)")
+    add("--num", type=int, default=4, help="samples to draw from --shard (default 4)")
+    add("--prompt-mode", choices=PROMPT_MODES, default="auto", help="none, default, auto (BLIP), user (default auto)")
+    add("--prompt", help="the prompt for --prompt-mode user")
+    add("--negative-prompt", default="")
+    add("--caption-model", default="Salesforce/blip-image-captioning-base", help="BLIP for --prompt-mode auto")
+    add("--mode", choices=MODES, default="paper", help="guidance weighting (default paper)")
+    add("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    add("--guidance-scale", type=float, default=9.0, help="CFG scale (default 9.0)")
+    add("--resolution", type=int, default=512)
+    add("--seed", type=int, default=0)
+    add("--output", default="out/samples")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="a `controlforge sample` output folder")
+    parser.add_argument("--condition", required=True, help="which annotator re-annotates the images")
+    parser.add_argument("--weights", help="the annotator's weights (hub id or folder)")
+
+
+def run_sample_from_args(args: argparse.Namespace) -> int:
+    try:
+        run_sample(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_eval_from_args(args: argparse.Namespace) -> int:
+    try:
+        run_eval(args.folder, args.condition, {"weights": args.weights} if args.weights else None)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
