@@ -146,7 +146,7 @@ def test_openpose_without_a_person_is_kept_or_dropped_by_flag(aux_weights):
     blank = np.zeros((64, 64, 3), np.uint8)  # nobody here (and random weights find nobody anyway)
     kept = create(["openpose"], {"openpose": {"weights": str(aux_weights), "detect_resolution": 64}})["openpose"]
     out, used = kept(blank, np.random.default_rng(0))
-    assert used["persons"] == 0 and used["_empty"] and not out.any()
+    assert used["persons"] == 0 and used["keypoints"] == [] and used["_empty"] and not out.any()
     dropping = create(["openpose"], {"openpose": {"weights": str(aux_weights), "detect_resolution": 64,
                                                   "keep_empty": False}})["openpose"]
     with pytest.raises(Rejected) as info:

@@ -182,3 +182,22 @@ def test_sample_and_eval_commands_end_to_end(tiny, tmp_path):
     assert main(["eval", str(tmp_path / "s"), "--condition", "canny"]) == 0
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert report["metric"] == "f1" and len(report["samples"]) == 2 and 0.0 <= report["mean"] <= 1.0
+
+
+def test_keypoint_distance_and_clip_score(tmp_path):
+    from PIL import Image
+
+    from tiny_models import make_tiny_clip
+    from train.metrics import clip_score, keypoint_distance
+
+    person = [[0.5, 0.2], [0.5, 0.3], None, [0.4, 0.5]] + [None] * 14
+    moved = [[p[0] + 0.1, p[1]] if p else None for p in person]
+    far = [[0.9, 0.9]] * 18
+    assert keypoint_distance([person], [person]) == 0.0
+    assert keypoint_distance([person], [far, moved]) == pytest.approx(0.1), "matched to the closest person"
+    assert keypoint_distance([person], []) is None and keypoint_distance([], [person]) is None
+
+    model = make_tiny_clip(tmp_path / "clip")  # random weights: checks plumbing and range, not alignment
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)) for i in range(2)]
+    score = clip_score(images, ["a cat", "a dog"], str(model))
+    assert 0.0 <= score <= 100.0 and score == clip_score(images, ["a cat", "a dog"], str(model))

@@ -112,3 +112,26 @@ def make_tiny_sd(folder: str | Path) -> Path:
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False
                             ).save_pretrained(folder)
     return folder
+
+
+def make_tiny_clip(folder: str | Path) -> Path:
+    """A CLIPModel (text + vision) from tiny configs with its processor, random weights."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = Path(folder)
+    tokenizer = make_tiny_clip_tokenizer(folder / "tok")
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                         num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.eos_token_id),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                           num_hidden_layers=2, image_size=32, patch_size=8),
+                        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).eval().save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return folder

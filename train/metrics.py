@@ -70,6 +70,42 @@ def normal_angle_error(reference: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.degrees(np.arccos(cos)).mean())
 
 
+def keypoint_distance(reference: list, predicted: list) -> float | None:
+    """Mean distance (in image fractions) between body keypoints, each reference person
+    matched to the closest detected one over the joints both have; None when nobody
+    was detected in the generated image (the metric applies where persons are found)."""
+    def person_distance(a, b):
+        pairs = [(p, q) for p, q in zip(a, b) if p is not None and q is not None]
+        return float(np.mean([np.hypot(p[0] - q[0], p[1] - q[1]) for p, q in pairs])) if pairs else None
+
+    if not predicted or not reference:
+        return None
+    scores = []
+    for person in reference:
+        found = [d for d in (person_distance(person, other) for other in predicted) if d is not None]
+        if found:
+            scores.append(min(found))
+    return float(np.mean(scores)) if scores else None
+
+
+def clip_score(images, prompts: list[str], model: str) -> float:
+    """100 x cosine similarity of CLIP image and text embeddings (>= 0), averaged; `model`
+    is a local folder or hub id of a transformers CLIPModel."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    processor = CLIPProcessor.from_pretrained(model)
+    clip = CLIPModel.from_pretrained(model).eval()
+    inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True, truncation=True)
+    with torch.no_grad():
+        image_emb = clip.get_image_features(pixel_values=inputs["pixel_values"])
+        text_emb = clip.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+    image_emb = getattr(image_emb, "pooler_output", image_emb)
+    text_emb = getattr(text_emb, "pooler_output", text_emb)
+    cos = torch.nn.functional.cosine_similarity(image_emb, text_emb)
+    return float((100 * cos.clamp(min=0)).mean())
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str

@@ -53,14 +53,17 @@ def resolve_prompt(mode: str, user_prompt: str | None, source_caption: str | Non
     return {"prompt": caption, "prompt_source": "two-pass: BLIP caption of a default-prompt sample"}
 
 
-def conditions_from_shard(shard: str, condition: str, n: int) -> list[tuple[Image.Image, str | None, str]]:
+def conditions_from_shard(shard: str, condition: str, n: int) -> list[tuple[Image.Image, str | None, str, dict]]:
+    """(condition image, source caption, key, the condition's recorded parameters) per sample."""
     import webdataset as wds
 
     found = []
     for sample_ in wds.WebDataset(shard, shardshuffle=False, empty_check=False):
         if f"{condition}.png" in sample_:
             caption = sample_.get("txt", b"").decode("utf-8").strip() or None
-            found.append((Image.open(io.BytesIO(sample_[f"{condition}.png"])).convert("RGB"), caption, sample_["__key__"]))
+            params = json.loads(sample_["json"]).get("conditions", {}).get(condition, {}).get("params", {})
+            found.append((Image.open(io.BytesIO(sample_[f"{condition}.png"])).convert("RGB"), caption,
+                          sample_["__key__"], params))
         if len(found) >= n:
             break
     if not found:
@@ -103,18 +106,19 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     if args.shard:
         if len(nets) != 1:
             raise ValueError("--shard draws conditions for one ControlNet; use --image per ControlNet for several")
-        jobs = [([cond], caption, key) for cond, caption, key in conditions_from_shard(args.shard, args.condition, args.num)]
+        jobs = [([cond], caption, key, params)
+                for cond, caption, key, params in conditions_from_shard(args.shard, args.condition, args.num)]
     else:
         if len(args.image or []) != len(nets):
             raise ValueError("give one --image per --controlnet (or --shard)")
-        jobs = [([Image.open(p) for p in args.image], None, Path(args.image[0]).stem)]
+        jobs = [([Image.open(p) for p in args.image], None, Path(args.image[0]).stem, {})]
     captioner = None
     if args.prompt_mode == "auto" and args.caption_model:
         from stages.captioner import BlipCaptioner
 
         captioner = BlipCaptioner(args.caption_model, max_new_tokens=30)
     records, rows = [], []
-    for index, (images, caption, name) in enumerate(jobs):
+    for index, (images, caption, name, condition_params) in enumerate(jobs):
         seed = args.seed + index
         controls = [Control(net, _tensor(img, args.resolution).to(device, dtype), s) for net, img, s in
                     zip(nets, images, scales)]
@@ -129,7 +133,8 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
         record = {"index": index, "source": name, **prompt, "prompt_mode": args.prompt_mode,
                   "negative_prompt": args.negative_prompt, "guidance_mode": args.mode, "weights": result.weights,
                   "seed": seed, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                  "controlnets": list(args.controlnet), "scales": scales, "condition": args.condition}
+                  "controlnets": list(args.controlnet), "scales": scales, "condition": args.condition,
+                  "condition_keypoints": condition_params.get("keypoints")}
         result.images[0].save(out / f"{index:04d}.png")
         images[0].convert("RGB").resize((args.resolution, args.resolution)).save(out / f"{index:04d}_condition.png")
         (out / f"{index:04d}.json").write_text(json.dumps(record, indent=1))
@@ -141,28 +146,45 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     return records
 
 
-def run_eval(folder: str, condition: str, annotator_params: dict | None = None, log=print) -> dict[str, Any]:
+def run_eval(folder: str, condition: str, annotator_params: dict | None = None, clip_model: str | None = None,
+             log=print) -> dict[str, Any]:
     from stages.annotators import create
 
-    from .metrics import METRICS, controllability
+    from .metrics import METRICS, clip_score, controllability, keypoint_distance
 
     root = Path(folder)
     annotator = create([condition], {condition: annotator_params} if annotator_params else {})[condition]
     annotator.setup()
-    metric = METRICS[condition]
-    per_image = []
-    for record_path in sorted(root.glob("[0-9][0-9][0-9][0-9].json")):
-        stem = record_path.stem
-        cond = np.asarray(Image.open(root / f"{stem}_condition.png").convert("RGB" if annotator.mode == "RGB" else "L"))
-        image = np.asarray(Image.open(root / f"{stem}.png").convert("RGB"))
-        per_image.append({"sample": stem, metric.name: controllability(condition, annotator, [cond], [image])})
-    if not per_image:
+    records = [json.loads(p.read_text()) for p in sorted(root.glob("[0-9][0-9][0-9][0-9].json"))]
+    if not records:
         raise ValueError(f"{folder}: no samples (NNNN.json + NNNN.png + NNNN_condition.png) to evaluate")
-    report = {"condition": condition, "metric": metric.name, "higher_is_better": metric.higher_is_better,
-              "mean": float(np.mean([r[metric.name] for r in per_image])), "samples": per_image,
-              "not_computed": "CLIP score and FID need their model weights locally; not computed"}
+    images = {r["index"]: Image.open(root / f"{r['index']:04d}.png").convert("RGB") for r in records}
+    per_image = []
+    if condition == "openpose":  # compare keypoints recorded at build time with those found again
+        name, higher = "keypoint_distance", False
+        for r in records:
+            _, used = annotator(np.asarray(images[r["index"]]), np.random.default_rng(0))
+            per_image.append({"sample": f"{r['index']:04d}",
+                              name: keypoint_distance(r.get("condition_keypoints") or [], used["keypoints"])})
+    else:
+        if condition not in METRICS:
+            raise ValueError(f"no controllability metric for {condition!r}")
+        metric = METRICS[condition]
+        name, higher = metric.name, metric.higher_is_better
+        for r in records:
+            cond = np.asarray(Image.open(root / f"{r['index']:04d}_condition.png").convert(
+                "RGB" if annotator.mode == "RGB" else "L"))
+            per_image.append({"sample": f"{r['index']:04d}",
+                              name: controllability(condition, annotator, [cond], [np.asarray(images[r["index"]])])})
+    values = [p[name] for p in per_image if p[name] is not None]
+    report = {"condition": condition, "metric": name, "higher_is_better": higher,
+              "mean": float(np.mean(values)) if values else None, "evaluated": len(values), "samples": per_image}
+    if clip_model:
+        report["clip_score"] = clip_score([images[r["index"]] for r in records], [r["prompt"] for r in records],
+                                          clip_model)
+    report["not_computed"] = "FID: needs Inception weights locally" + ("" if clip_model else "; CLIP score: pass --clip-model")
     (root / "report.json").write_text(json.dumps(report, indent=1))
-    log(f"{condition} {metric.name}: {report['mean']:.4f} over {len(per_image)} samples -> {root / 'report.json'}")
+    log(f"{condition} {name}: {report['mean']} over {len(values)} of {len(per_image)} samples -> {root / 'report.json'}")
     return report
 
 
@@ -191,6 +213,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="a `controlforge sample` output folder")
     parser.add_argument("--condition", required=True, help="which annotator re-annotates the images")
     parser.add_argument("--weights", help="the annotator's weights (hub id or folder)")
+    parser.add_argument("--clip-model", help="a CLIP model (folder or hub id) for the CLIP score of image vs prompt")
 
 
 def run_sample_from_args(args: argparse.Namespace) -> int:
@@ -204,7 +227,7 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
     try:
-        run_eval(args.folder, args.condition, {"weights": args.weights} if args.weights else None)
+        run_eval(args.folder, args.condition, {"weights": args.weights} if args.weights else None, args.clip_model)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Body skeletons (hands and face as options): OpenPose from controlnet-aux.
 
+The json records each person's 18 body keypoints (x, y in [0, 1], null when unseen).
 A picture with nobody in it gives a black map; `keep_empty: false` drops such
 samples instead (counted as `no_person` in the shard's stats either way)."""
 
@@ -38,4 +39,6 @@ class OpenPose(DetectorAnnotator):
             raise Rejected("no_person", "openpose found no person (keep_empty is false)")
         canvas = draw_poses(poses, small.shape[0], small.shape[1], draw_body=True, draw_hand=self.hands,
                             draw_face=self.face)
-        return fit(canvas, image, self.mode), {"persons": len(poses), "_empty": not poses}
+        keypoints = [[[round(k.x, 4), round(k.y, 4)] if k is not None else None for k in pose.body.keypoints]
+                     for pose in poses]  # normalised body keypoints: what eval compares against
+        return fit(canvas, image, self.mode), {"persons": len(poses), "keypoints": keypoints, "_empty": not poses}
