@@ -213,7 +213,8 @@ def list_inputs(specs: list[str], url_column: str = "url", caption_column: str =
         elif _is_glob(spec):
             found = list_glob(spec)
         elif lower.endswith(LIST_EXTS):
-            if not fsspec.core.url_to_fs(spec)[0].exists(fsspec.core.url_to_fs(spec)[1]):
+            fs, path = _fs(spec)
+            if not fs.exists(path):
                 raise InputError(f"{spec}: list file does not exist")
             found = list_url_table(spec, url_column, caption_column)
         else:

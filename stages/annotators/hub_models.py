@@ -8,16 +8,24 @@ from .weights import MissingWeightsError
 
 
 def check(source: str, condition: str) -> None:
+    """Cheap: finds the model's config (local folder or HF cache/hub) without loading weights."""
     from transformers.utils import cached_file
 
-    from_pretrained(lambda: cached_file(source, "config.json"), source, condition)
+    try:
+        cached_file(source, "config.json")
+    except (OSError, ValueError) as exc:
+        raise _missing(source, condition, exc) from None
 
 
 def from_pretrained(loader: Any, source: str, condition: str) -> Any:
     try:
-        return loader() if callable(loader) and not hasattr(loader, "from_pretrained") else loader.from_pretrained(source)
+        return loader.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise MissingWeightsError(
-            f"{condition}: cannot load model {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            f"Without hub access, download it elsewhere (`huggingface-cli download {source} --local-dir DIR`), "
-            f"copy DIR here and set annotator_params.{condition}.weights to it") from None
+        raise _missing(source, condition, exc) from None
+
+
+def _missing(source: str, condition: str, exc: Exception) -> MissingWeightsError:
+    return MissingWeightsError(
+        f"{condition}: cannot load model {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+        f"Without hub access, download it elsewhere (`huggingface-cli download {source} --local-dir DIR`), "
+        f"copy DIR here and set annotator_params.{condition}.weights to it")
