@@ -61,40 +61,65 @@ def _row(key: str, members: dict[str, bytes], main: str, conditions: list[str]) 
     return row
 
 
-def export(out: Output, target: Path, val_fraction: float, seed: int, log=print) -> dict[str, Any]:
-    """Parquet files per condition and split; returns counts and what the card needs."""
+def export_shard(build: str, entry: dict[str, Any], target: str, conditions: list[str], val_fraction: float,
+                 seed: int) -> dict[str, Any]:
+    """One shard -> parquet files for every condition and split it has samples for."""
     import datasets
 
+    out = Output(build)
+    shard = Path(entry["name"]).stem
+    by_split: dict[str, list[tuple[str, dict[str, bytes]]]] = {"train": [], "validation": []}
+    annotators: dict[str, Any] = {}
+    with out.fs.open(out.path(entry["name"]), "rb") as handle:
+        for key, members in writer.iter_samples(handle):
+            by_split["validation" if is_validation(key, val_fraction, seed) else "train"].append((key, members))
+            if not annotators:
+                annotators = json.loads(members["json"]).get("conditions", {})
+    counts, splits = {}, []
+    for split, samples in by_split.items():
+        if not samples:
+            continue
+        counts[split] = len(samples)
+        splits.append(split)
+        for main in conditions:
+            rows = [_row(k, m, main, conditions) for k, m in samples]
+            folder = Path(target) / main
+            folder.mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_dict({name: [r[name] for r in rows] for name in rows[0]},
+                                       features=_features(conditions, main)).to_parquet(
+                str(folder / f"{split}-{shard}.parquet"))
+    return {"shard": entry["name"], "counts": counts, "splits": splits, "annotators": annotators}
+
+
+def export(out: Output, target: Path, val_fraction: float, seed: int, use_ray: bool = False, log=print) -> dict[str, Any]:
+    """Parquet files per condition and split, shard by shard (memory bounded by one shard),
+    as Ray tasks when `use_ray` (then `target` must be a folder every node sees)."""
     manifest = writer.load_manifest(out)
     if manifest is None:
         raise PublishError(f"{out.url}: no manifest.json: not a controlforge build")
     if not manifest.get("complete"):
         raise PublishError(f"{out.url}: the build is not complete; finish it (rerun `controlforge build`) first")
     conditions = manifest["config"]["conditions"]
+    args = (str(target), conditions, val_fraction, seed)
+    if use_ray:
+        import ray
+
+        from pipeline.executors import init_ray
+
+        init_ray()
+        task = ray.remote(export_shard)
+        results = ray.get([task.remote(out.url, entry, *args) for entry in manifest["shards"]])
+    else:
+        results = (export_shard(out.url, entry, *args) for entry in manifest["shards"])
     counts: Counter[str] = Counter()
     files: dict[str, set[str]] = {c: set() for c in conditions}
     annotators: dict[str, Any] = {}
-    for entry in manifest["shards"]:
-        shard = Path(entry["name"]).stem
-        by_split: dict[str, list[tuple[str, dict[str, bytes]]]] = {"train": [], "validation": []}
-        with out.fs.open(out.path(entry["name"]), "rb") as handle:
-            for key, members in writer.iter_samples(handle):
-                by_split["validation" if is_validation(key, val_fraction, seed) else "train"].append((key, members))
-                if not annotators:
-                    annotators = json.loads(members["json"]).get("conditions", {})
-        for split, samples in by_split.items():
-            if not samples:
-                continue
-            counts[split] += len(samples)
-            for main in conditions:
-                rows = [_row(k, m, main, conditions) for k, m in samples]
-                columns = {name: [r[name] for r in rows] for name in rows[0]}
-                folder = target / main
-                folder.mkdir(parents=True, exist_ok=True)
-                datasets.Dataset.from_dict(columns, features=_features(conditions, main)).to_parquet(
-                    str(folder / f"{split}-{shard}.parquet"))
-                files[main].add(split)
-        log(f"  exported {entry['name']}: {sum(len(v) for v in by_split.values())} samples")
+    for result in results:
+        counts.update(result["counts"])
+        for cond in conditions:
+            files[cond].update(result["splits"])
+        annotators = annotators or result["annotators"]
+        log(f"  exported {result['shard']}: {sum(result['counts'].values())} samples")
     return {"manifest": manifest, "conditions": conditions, "counts": dict(counts), "splits": files,
             "annotators": annotators}
 
@@ -155,7 +180,7 @@ def _size_category(n: int) -> str:
 
 def publish(build: str, to: str | None = None, repo_id: str | None = None, condition: str | None = None,
             val_fraction: float = 0.01, seed: int = 0, license: str = "other", private: bool = False,
-            log=print) -> Path:
+            use_ray: bool = False, log=print) -> Path:
     if not to and not repo_id:
         raise PublishError("say where: --to DIR (a local folder) and/or --repo-id NAME (the Hub)")
     out = Output(build)
@@ -164,7 +189,7 @@ def publish(build: str, to: str | None = None, repo_id: str | None = None, condi
         raise PublishError(f"{target} already holds an export; choose an empty folder")
     target.mkdir(parents=True, exist_ok=True)
     log(f"controlforge publish: {out.url} -> {target}")
-    info = export(out, target, val_fraction, seed, log)
+    info = export(out, target.resolve(), val_fraction, seed, use_ray, log)
     main = condition or info["conditions"][0]
     if main not in info["conditions"]:
         raise PublishError(f"--condition {main!r} is not in this build (it has {info['conditions']})")
@@ -218,12 +243,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--license", default="other", help="license field of the card (default other)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--ray", action="store_true", help="export shards in parallel as Ray tasks (RAY_ADDRESS or local)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         publish(args.output, args.to, args.repo_id, args.condition, args.val_fraction, args.seed, args.license,
-                args.private)
+                args.private, args.ray)
     except PublishError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -94,3 +94,14 @@ def test_publish_errors_are_clear(build, tmp_path):
         publish(str(build), to=str(tmp_path / "x"), condition="depth", log=lambda *_: None)
     with pytest.raises(PublishError, match="no manifest"):
         publish(str(tmp_path), to=str(tmp_path / "y"))
+
+
+def test_export_on_ray_writes_the_same_files(build, tmp_path, ray_session):
+    local = publish(str(build), to=str(tmp_path / "local"), val_fraction=0.3, seed=1, log=lambda *_: None)
+    parallel = publish(str(build), to=str(tmp_path / "ray"), val_fraction=0.3, seed=1, use_ray=True,
+                       log=lambda *_: None)
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.parquet"))
+    assert names and names == sorted(p.relative_to(parallel).as_posix() for p in parallel.rglob("*.parquet"))
+    for name in names:
+        assert (local / name).read_bytes() == (parallel / name).read_bytes()
+    assert (local / "README.md").read_text() == (parallel / "README.md").read_text()
