@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .readers import InputRef
 
 
@@ -30,12 +28,6 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)  # fields the input already had
     conditions: dict[str, bytes] = field(default_factory=dict)
     condition_info: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: the resized pixels `jpg` was encoded from; lives only inside one task (never pickled),
-    #: so CPU annotators fused with decoding skip a JPEG decode
-    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "pixels": None}
 
 
 @dataclass

@@ -53,9 +53,10 @@ class ReadDecode(Step):
 
     name = "read_decode"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, inline: "Annotate | None" = None):
         self.cfg = cfg
         self.spec = ResizeSpec(cfg.resolution, cfg.resize_mode, cfg.min_size, cfg.max_aspect, cfg.max_pixels)
+        self.inline = inline  # CPU annotators, run on each image while it is decoded
 
     def __call__(self, work: ShardWork) -> ShardWork:
         cfg = self.cfg
@@ -86,15 +87,15 @@ class ReadDecode(Step):
             seen[key] = ref.source
             height, width = decoded.image.shape[:2]
             sample = Sample(key, ref.source, sha, jpg, width, height, decoded.orig_width, decoded.orig_height,
-                            meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")},
-                            pixels=decoded.image)
+                            meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")})
             self._caption_from_input(sample, got.caption)
             if decoded.untouched:  # the stored image is the input's: its conditions still match it
                 infos = got.meta.get("conditions") or {}
                 for name, png in got.conditions.items():
                     sample.conditions[name] = png
                     sample.condition_info[name] = infos.get(name, {"annotator": "input"})
-            work.samples.append(sample)
+            if self.inline is None or self.inline.annotate_one(work, sample, decoded.image):
+                work.samples.append(sample)
         return work
 
     def _caption_from_input(self, sample: Sample, caption: str | None) -> None:
@@ -145,8 +146,10 @@ class Caption(Step):
 class Annotate(Step):
     """The named conditions for every sample; a failure drops that sample only.
 
-    As a CPU step it runs fused with decoding; with `num_gpus` it is an actor that
-    keeps its networks loaded (one actor can hold several annotators)."""
+    Inline (CPU annotators): ReadDecode calls `annotate_one` on each sample while its
+    pixels are in memory, then drops them, so a shard never holds more than one decoded
+    image. As a step (network annotators in a GPU actor): samples go through each
+    annotator in batches of its `batch_size`, decoded from the stored JPEG chunk by chunk."""
 
     name = "annotate"
 
@@ -158,41 +161,84 @@ class Annotate(Step):
         self.actor = num_gpus > 0
         self._ready = False
 
-    def __call__(self, work: ShardWork) -> ShardWork:
+    def _setup(self) -> None:
         if not self._ready:
             for annotator in self.annotators.values():
                 annotator.setup()
             self._ready = True
-        work.samples = [sample for sample in work.samples if self._annotate(work, sample)]
-        return work
 
-    def _annotate(self, work: ShardWork, sample: Sample) -> bool:
-        missing = [n for n in self.annotators if n not in sample.conditions]
-        if not missing:
-            return True
-        image = sample.pixels
-        if image is None:
-            with timed(work, "decode"):
-                image = decode_rgb(sample.jpg)
-        for name in missing:
-            annotator = self.annotators[name]
+    def annotate_one(self, work: ShardWork, sample: Sample, image: np.ndarray) -> bool:
+        self._setup()
+        for name, annotator in self.annotators.items():
+            if name in sample.conditions:
+                continue
             seed = annotator_registry.sample_seed(self.cfg.seed, sample.key, name)
             with timed(work, f"annotate:{name}"):
-                try:
-                    condition, used = annotator(image, np.random.default_rng(seed))
-                    _check_condition(condition, image, annotator)
-                    png = encode_png(condition)
-                except Rejected as exc:
-                    work.reject(sample.source, f"annotate:{name}", exc.reason, str(exc))
-                    return False
-                except Exception as exc:
-                    work.reject(sample.source, f"annotate:{name}", "annotator_error", _error_text(exc))
-                    return False
-            if used.pop("_empty", False):
-                work.counters[f"{name}:empty"] = work.counters.get(f"{name}:empty", 0) + 1
-            sample.conditions[name] = png
-            sample.condition_info[name] = annotator.describe({**used, "seed": seed})
+                result = _run_one(annotator, image, seed)
+            if not self._store(work, sample, name, annotator, image, seed, result):
+                return False
         return True
+
+    def __call__(self, work: ShardWork) -> ShardWork:
+        self._setup()
+        dropped: set[str] = set()
+        for name, annotator in self.annotators.items():
+            todo = [s for s in work.samples if name not in s.conditions and s.key not in dropped]
+            for start in range(0, len(todo), annotator.batch_size):
+                chunk, images = [], []
+                with timed(work, "decode"):
+                    for sample in todo[start:start + annotator.batch_size]:
+                        try:
+                            images.append(decode_rgb(sample.jpg))
+                            chunk.append(sample)
+                        except Exception as exc:
+                            work.reject(sample.source, f"annotate:{name}", "decode_error", _error_text(exc))
+                            dropped.add(sample.key)
+                if not chunk:
+                    continue
+                seeds = [annotator_registry.sample_seed(self.cfg.seed, s.key, name) for s in chunk]
+                with timed(work, f"annotate:{name}"):
+                    results = _run_batch(annotator, images, seeds)
+                for sample, image, seed, result in zip(chunk, images, seeds, results):
+                    if not self._store(work, sample, name, annotator, image, seed, result):
+                        dropped.add(sample.key)
+        work.samples = [s for s in work.samples if s.key not in dropped]
+        return work
+
+    def _store(self, work, sample, name, annotator, image, seed, result) -> bool:
+        if isinstance(result, Rejected):
+            work.reject(sample.source, f"annotate:{name}", result.reason, str(result))
+            return False
+        try:
+            if isinstance(result, Exception):
+                raise result
+            condition, used = result
+            _check_condition(condition, image, annotator)
+            png = encode_png(condition)
+        except Exception as exc:
+            work.reject(sample.source, f"annotate:{name}", "annotator_error", _error_text(exc))
+            return False
+        if used.pop("_empty", False):
+            work.counters[f"{name}:empty"] = work.counters.get(f"{name}:empty", 0) + 1
+        sample.conditions[name] = png
+        sample.condition_info[name] = annotator.describe({**used, "seed": seed})
+        return True
+
+
+def _run_one(annotator, image: np.ndarray, seed: int):
+    try:
+        return annotator(image, np.random.default_rng(seed))
+    except Exception as exc:  # returned, not raised: it costs this sample only
+        return exc
+
+
+def _run_batch(annotator, images: list[np.ndarray], seeds: list[int]) -> list:
+    """A batched call where the annotator has one; if the batch fails, image by image,
+    so one bad image costs only itself."""
+    try:
+        return annotator.annotate_batch(images, [np.random.default_rng(s) for s in seeds])
+    except Exception:
+        return [_run_one(annotator, image, seed) for image, seed in zip(images, seeds)]
 
 
 def _check_condition(condition: np.ndarray, image: np.ndarray, annotator) -> None:
@@ -215,14 +261,12 @@ class WriteShard(Step):
 
 
 def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0, annotator_num_gpus: float = 0.0) -> list[Step]:
-    """Annotate right after decoding, in the same task, while the pixels are in memory;
-    with GPUs, the network annotators move to one GPU actor that holds them all; the
+    """CPU annotators run inside decoding, on each image while it is in memory; with GPUs,
+    the network annotators move to one GPU actor that holds them all (batched); the
     captioner (an actor) decodes the stored JPEGs itself."""
-    steps: list[Step] = [ReadDecode(cfg)]
     networks = [n for n in cfg.conditions if annotator_registry.REGISTRY[n].uses_model] if annotator_num_gpus else []
     plain = [n for n in cfg.conditions if n not in networks]
-    if plain:
-        steps.append(Annotate(cfg, plain))
+    steps: list[Step] = [ReadDecode(cfg, Annotate(cfg, plain) if plain else None)]
     if networks:
         steps.append(Annotate(cfg, networks, annotator_num_gpus))
     if needs_captioner:

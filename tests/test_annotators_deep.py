@@ -225,6 +225,34 @@ def test_a_build_with_all_nine_conditions(tmp_path, aux_weights, hf_models):
     assert sorted(image_columns) == sorted(f"{c}.png" for c in nine)
 
 
+def test_batched_step_matches_per_image_calls(aux_weights, hf_models, tmp_path):
+    """The GPU actor's path (batches decoded from the stored JPEGs) stores what the
+    annotator gives image by image, and a failing image costs only itself."""
+    from conftest import write_synthetic
+    from pipeline.config import BuildConfig
+    from stages.decode import decode_rgb
+    from stages.readers import list_inputs
+    from stages.shard import plan_shards
+    from stages.steps import Annotate, ReadDecode
+
+    write_synthetic(tmp_path / "in", 3, size=(64, 64))
+    cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "o"), conditions=["seg"], resolution=64,
+                      min_size=32, caption_model="none", annotator_params={"seg": {"weights": str(hf_models["upernet"])}})
+    work = ReadDecode(cfg)(plan_shards(list_inputs(cfg.input), 10)[0])
+    step = Annotate(cfg, ["seg"], num_gpus=0.5)
+    single = step.annotators["seg"]
+    single.setup()
+    expected = {s.key: single(decode_rgb(s.jpg), np.random.default_rng(0))[0] for s in work.samples}
+    work.samples[1].jpg = b"broken"
+    broken_key = work.samples[1].key
+    work = step(work)
+    assert [e["error"] for e in work.errors] == ["decode_error"] and broken_key not in {s.key for s in work.samples}
+    assert len(work.samples) == 2
+    for sample in work.samples:
+        stored = np.asarray(Image.open(io.BytesIO(sample.conditions["seg"])))
+        assert np.abs(stored.astype(int) - expected[sample.key].astype(int)).max() <= 1
+
+
 def test_gpu_plan_moves_network_annotators_to_one_actor(tmp_path):
     """The plan a GPU cluster gets: network annotators in one actor step after the CPU
     task. Run by the local executor, which pickles between step groups where Ray
@@ -247,13 +275,13 @@ def test_gpu_plan_moves_network_annotators_to_one_actor(tmp_path):
         cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(out), conditions=["canny", "mlsd"],
                           min_size=64, caption_model="none", annotator_params={"mlsd": {"method": "hough"}})
         steps = make_steps(cfg, False, 0.0, gpus)
+        assert list(steps[0].inline.annotators) == (["canny"] if gpus else ["canny", "mlsd"])
         if gpus:
-            assert [type(s).__name__ for s in steps] == ["ReadDecode", "Annotate", "Annotate", "WriteShard"]
-            assert [s.actor for s in steps] == [False, False, True, False] and steps[2].num_gpus == 0.5
-            assert list(steps[1].annotators) == ["canny"] and list(steps[2].annotators) == ["mlsd"]
-            assert len(_group(steps)) == 3
+            assert [type(s).__name__ for s in steps] == ["ReadDecode", "Annotate", "WriteShard"]
+            assert [s.actor for s in steps] == [False, True, False] and steps[1].num_gpus == 0.5
+            assert list(steps[1].annotators) == ["mlsd"] and len(_group(steps)) == 3
         else:
-            assert len(_group(steps)) == 1
+            assert [type(s).__name__ for s in steps] == ["ReadDecode", "WriteShard"] and len(_group(steps)) == 1
         [stats] = run_local(steps, plan_shards(list_inputs(cfg.input), 10))
         assert stats["samples"] == 3
         with tarfile.open(out / "shards" / "00000.tar") as tar:

@@ -30,6 +30,8 @@ class Annotator:
     uses_model: ClassVar[bool] = False
     #: output dtype (uint16 for 16-bit depth)
     dtype: type = np.uint8
+    #: images per call when run as a batched step (a GPU actor)
+    batch_size: int = 8
 
     def __init__(self, **params: Any):
         self.params = params
@@ -42,6 +44,10 @@ class Annotator:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError
+
+    def annotate_batch(self, images: list[np.ndarray], rngs: list[np.random.Generator]) -> list:
+        """Several images at once; networks that batch override this."""
+        return [self(image, rng) for image, rng in zip(images, rngs)]
 
     def describe(self, used: dict[str, Any]) -> dict[str, Any]:
         """What goes into the sample's json: settings, then the values drawn for this image."""

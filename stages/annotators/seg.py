@@ -51,12 +51,20 @@ class Segmentation(DetectorAnnotator):
             self.device = torch_device(self.device)
             self.model = from_pretrained(UperNetForSemanticSegmentation, self.weights, self.name).to(self.device).eval()
 
-    def __call__(self, image, rng):
+    def annotate_batch(self, images, rngs):
+        """One forward pass for the batch: UperNet takes batches as they are."""
         import torch
 
         self.setup()
-        inputs = self.processor(images=image, return_tensors="pt").to(self.device)
+        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         with torch.inference_mode():
             outputs = self.model(**inputs)
-        ids = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0].cpu().numpy()
-        return colorize(ids), {"classes": int(len(np.unique(ids)))}
+        maps = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[im.shape[:2] for im in images])
+        results = []
+        for ids in maps:
+            ids = ids.cpu().numpy()
+            results.append((colorize(ids), {"classes": int(len(np.unique(ids)))}))
+        return results
+
+    def __call__(self, image, rng):
+        return self.annotate_batch([image], [rng])[0]
