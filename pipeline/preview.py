@@ -59,10 +59,6 @@ def contact_sheet(out: Output | str, n: int = 16, cell: int = 160) -> Image.Imag
     return sheet
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="controlforge preview", description=__doc__)
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import io
 import json
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,14 +145,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     return verify(args.output, args.repair)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="controlforge verify", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
