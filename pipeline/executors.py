@@ -28,7 +28,7 @@ def run_steps(steps: list[Step], work: Any) -> Any:
 def run_local(steps: list[Step], works: list[ShardWork]) -> Iterator[dict[str, Any]]:
     """No Ray: for debugging, and the reference the Ray path is compared against.
     Shards are pickled between step groups exactly where Ray would, so what crosses
-    (and what is dropped, like transient pixels) is the same on both executors."""
+    between stages is the same on both executors."""
     groups = _group(steps)
     for work in works:
         for i, group in enumerate(groups):

@@ -16,8 +16,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-IMAGE_MEAN = 0.5
-
 
 def expand_shards(specs: list[str]) -> list[str]:
     """Build folders, .tar files, brace patterns and URLs -> a list of shard URLs."""

@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
             stop = 0
             if validation is not None:
                 images = run_validation(validation, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet,
-                                        global_step, weight_dtype)
+                                        noise_scheduler, global_step, weight_dtype)
                 if tracker is not None:
                     stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator, log))
             if _broadcast_flag(accelerator, stop):
@@ -308,7 +308,8 @@ def _validation_batch(urls: list[str], cfg: TrainConfig) -> dict[str, Any]:
     return collate(samples)
 
 
-def run_validation(batch, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet, step, dtype) -> Path:
+def run_validation(batch, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, step,
+                   dtype) -> list:
     """Sample with the models already in memory (no second pipeline load); save condition | result rows."""
     import numpy as np
     from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
@@ -317,7 +318,7 @@ def run_validation(batch, cfg, accelerator, vae, text_encoder, tokenizer, unet, 
     pipe = StableDiffusionControlNetPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
         controlnet=accelerator.unwrap_model(controlnet),
-        scheduler=DDIMScheduler.from_pretrained(cfg.pretrained_model, subfolder="scheduler"),
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config),  # no reload from disk per validation
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     conditions = [Image.fromarray((c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
