@@ -68,9 +68,10 @@ def test_two_controlnets_sum_their_residuals(tiny):
     assert torch.allclose(mid, mid_a + mid_b, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["paper", "both"])
+@pytest.mark.parametrize("mode", ["paper", "both", "uncond"])
 def test_where_the_control_goes(tiny, mode):
-    """paper: the unconditional UNet call gets no residuals; both: every call gets them."""
+    """paper: the unconditional UNet call gets no residuals; both: every call gets them;
+    uncond: only the unconditional call gets them."""
     unet = tiny["unet"]
     calls = []
     original = unet.forward
@@ -87,8 +88,22 @@ def test_where_the_control_goes(tiny, mode):
     finally:
         unet.forward = original
     assert len(calls) == 4 and result.images[0].size == (64, 64)
-    assert calls == ([True, False, True, False] if mode == "paper" else [True, True, True, True])
+    assert calls == {"paper": [True, False, True, False], "both": [True] * 4, "uncond": [False, True, False, True]}[mode]
     assert result.weights == control_weights(mode, [8, 8, 4, 4, 4])  # tiny UNet: 4 down residuals + mid
+
+
+def test_without_a_controlnet_the_sampler_draws_what_a_zero_initialised_one_draws(tiny):
+    """The base alone (no ControlNet) and a fresh ControlNet (zero convolutions) give the
+    same pixels: the base samples a reproduction compares against are the step-0 model."""
+    from train.trainer import make_controlnet
+
+    args = dict(prompts=["a cat"], mode="both", steps=3, height=64, width=64)
+    base = sample(tiny["unet"], tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler(tiny["sd"]), [],
+                  generator=torch.Generator().manual_seed(3), **args)
+    fresh = Control(make_controlnet(tiny["unet"]), torch.rand(1, 3, 64, 64))
+    step0 = sample(tiny["unet"], tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler(tiny["sd"]), [fresh],
+                   generator=torch.Generator().manual_seed(3), **args)
+    assert base.weights == [] and np.array_equal(np.asarray(base.images[0]), np.asarray(step0.images[0]))
 
 
 def test_metrics_on_known_answers():
@@ -99,6 +114,9 @@ def test_metrics_on_known_answers():
     assert edge_f1(edges, edges) == 1.0 and edge_f1(edges, np.zeros_like(edges)) == 0.0
     shifted = np.roll(edges, 3, axis=0)
     assert 0.0 < edge_f1(edges, shifted) < 0.8
+    nudged = np.roll(edges, 1, axis=0)  # one pixel off: wrong at tolerance 0, right at 2
+    assert edge_f1(edges, nudged) < 0.6 and edge_f1(edges, nudged, tolerance=2) == 1.0
+    assert edge_f1(edges, shifted, tolerance=2) < edge_f1(edges, shifted, tolerance=3) == 1.0
     soft = rng.integers(0, 255, (64, 64), dtype=np.uint8)
     assert ssim(soft, soft) == pytest.approx(1.0) and ssim(soft, 255 - soft) < 0.1
     depth = rng.integers(0, 255, (32, 32), dtype=np.uint8)
@@ -180,8 +198,17 @@ def test_sample_and_eval_commands_end_to_end(tiny, tmp_path):
     assert records[0]["guidance_mode"] == "paper" and records[0]["seed"] == 0 and records[1]["seed"] == 1
     assert (tmp_path / "s" / "contact_sheet.png").exists()
     assert main(["eval", str(tmp_path / "s"), "--condition", "canny"]) == 0
+    base_args = ["sample", "--pretrained-model", str(tiny["sd"]), "--num", "2", "--steps", "2", "--resolution", "64",
+                 "--prompt-mode", "auto", "--output", str(tmp_path / "base")]
+    assert main(base_args) == 2, "the base alone needs conditions to record (--shard or --image)"
+    assert main([*base_args, "--shard", str(tmp_path / "b" / "shards" / "00000.tar")]) == 0
+    base_records = [json.loads((tmp_path / "base" / f"{i:04d}.json").read_text()) for i in range(2)]
+    assert [r["prompt"] for r in base_records] == [r["prompt"] for r in records] and base_records[0]["controlnets"] == []
+    assert main(["eval", str(tmp_path / "base"), "--condition", "canny", "--shuffled"]) == 0
+    report = json.loads((tmp_path / "base" / "report.json").read_text())
+    assert 0.0 <= report["shuffled_mean"] <= 1.0 and report["metric"] == "f1_2px"
     report = json.loads((tmp_path / "s" / "report.json").read_text())
-    assert report["metric"] == "f1" and len(report["samples"]) == 2 and 0.0 <= report["mean"] <= 1.0
+    assert report["metric"] == "f1_2px" and len(report["samples"]) == 2 and 0.0 <= report["mean"] <= 1.0
 
 
 def test_keypoint_distance_and_clip_score(tmp_path):

@@ -34,6 +34,8 @@ class TrainConfig(BaseModel):
     unlock_decoder: bool = Field(False, description="also train the UNet decoder (the reference code's sd_locked=False)")
     decoder_learning_rate: float = Field(1e-6, gt=0)
     only_mid_control: bool = False
+    timestep_sampling: Literal["uniform", "cubic"] = Field("uniform", description="'uniform' (the paper) or 'cubic' (T2I-Adapter: more high-noise steps, where the condition decides the layout)")
+    controlnet_init: Literal["zero", "random"] = Field("zero", description="'zero': the paper's zero convolutions; 'random': default init of those layers (ablation)")
 
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -50,6 +52,8 @@ class TrainConfig(BaseModel):
 
     validation_steps: int = Field(500, ge=1)
     num_validation_images: int = Field(4, ge=0)
+    validation_shards: list[str] = Field(default_factory=list, description="held-out shards for validation and the controllability curve (default: the first training shard)")
+    validation_guidance_scale: float = Field(7.5, ge=1.0)
     validation_inference_steps: int = Field(20, ge=1)
     validation_annotator: dict[str, Any] = Field(default_factory=dict, description="parameters of the condition's annotator (e.g. weights) for the controllability metric")
     stop_after_convergence: int | None = Field(None, ge=0, description="end the run this many steps after sudden convergence")
@@ -62,7 +66,7 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each)")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per Ray Train worker; 0 = CPU workers with gloo")
 
-    @field_validator("shards", mode="before")
+    @field_validator("shards", "validation_shards", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value

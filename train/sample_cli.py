@@ -1,12 +1,13 @@
 """`controlforge sample`: the paper's auto-prompt sampler, and `controlforge eval`.
 
 sample: one or more ControlNets, each with its condition image (or conditions drawn
-from a shard), prompt modes none / default / auto / user, DDIM, CFG and a guidance
+from a shard), or none (the base model alone, same prompts and seeds, for comparison), prompt modes none / default / auto / user, DDIM, CFG and a guidance
 weighting mode. Writes NNNN.png, NNNN.json (prompt, modes, seed, weights),
 NNNN_condition.png and contact_sheet.png (condition | generated | prompt).
 
 eval: re-annotates each generated image with the condition's annotator, compares it
-with the condition it was given, and writes report.json.
+with the condition it was given, and writes report.json; --shuffled also scores every
+image against another sample's condition (the chance level).
 """
 
 from __future__ import annotations
@@ -99,17 +100,20 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     tokenizer, text_encoder, vae, unet, _ = load_frozen(args.pretrained_model, dtype)
     unet, vae, text_encoder = unet.to(device, dtype), vae.to(device), text_encoder.to(device)
     scheduler = DDIMScheduler.from_pretrained(args.pretrained_model, subfolder="scheduler")
-    nets = [ControlNetModel.from_pretrained(p).to(device, dtype).eval() for p in args.controlnet]
+    nets = [ControlNetModel.from_pretrained(p).to(device, dtype).eval() for p in args.controlnet or []]
     scales = args.scale or [1.0] * len(nets)
     if len(scales) != len(nets):
         raise ValueError("give one --scale per --controlnet")
+    if not nets and not args.shard and len(args.image or []) != 1:
+        raise ValueError("without --controlnet (the base model alone) give --shard or one --image: the conditions "
+                         "are recorded beside the samples for eval")
     if args.shard:
-        if len(nets) != 1:
+        if len(nets) > 1:
             raise ValueError("--shard draws conditions for one ControlNet; use --image per ControlNet for several")
         jobs = [([cond], caption, key, params)
                 for cond, caption, key, params in conditions_from_shard(args.shard, args.condition, args.num)]
     else:
-        if len(args.image or []) != len(nets):
+        if nets and len(args.image or []) != len(nets):
             raise ValueError("give one --image per --controlnet (or --shard)")
         jobs = [([Image.open(p) for p in args.image], None, Path(args.image[0]).stem, {})]
     captioner = None
@@ -133,7 +137,7 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
         record = {"index": index, "source": name, **prompt, "prompt_mode": args.prompt_mode,
                   "negative_prompt": args.negative_prompt, "guidance_mode": args.mode, "weights": result.weights,
                   "seed": seed, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                  "controlnets": list(args.controlnet), "scales": scales, "condition": args.condition,
+                  "controlnets": list(args.controlnet or []), "scales": scales, "condition": args.condition,
                   "condition_keypoints": condition_params.get("keypoints")}
         result.images[0].save(out / f"{index:04d}.png")
         images[0].convert("RGB").resize((args.resolution, args.resolution)).save(out / f"{index:04d}_condition.png")
@@ -147,7 +151,7 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
 
 
 def run_eval(folder: str, condition: str, annotator_params: dict | None = None, clip_model: str | None = None,
-             log=print) -> dict[str, Any]:
+             shuffled: bool = False, log=print) -> dict[str, Any]:
     from stages.annotators import create
 
     from .metrics import METRICS, clip_score, controllability, keypoint_distance
@@ -179,6 +183,11 @@ def run_eval(folder: str, condition: str, annotator_params: dict | None = None, 
     values = [p[name] for p in per_image if p[name] is not None]
     report = {"condition": condition, "metric": name, "higher_is_better": higher,
               "mean": float(np.mean(values)) if values else None, "evaluated": len(values), "samples": per_image}
+    if shuffled:
+        if condition == "openpose" or len(records) < 2:
+            raise ValueError("--shuffled needs a map condition (not openpose) and at least two samples")
+        report["shuffled_mean"] = _shuffled_score(root, records, images, condition, annotator)
+        report["shuffled"] = "each image against another sample's condition (seeded derangement): the chance level"
     if clip_model:
         report["clip_score"] = clip_score([images[r["index"]] for r in records], [r["prompt"] for r in records],
                                           clip_model)
@@ -188,10 +197,23 @@ def run_eval(folder: str, condition: str, annotator_params: dict | None = None, 
     return report
 
 
+def _shuffled_score(root: Path, records: list[dict], images: dict, condition: str, annotator) -> float:
+    from .metrics import controllability
+
+    order = np.random.default_rng(0).permutation(len(records))
+    scores = []
+    for i, j in zip(order, np.roll(order, 1)):  # every image meets a condition that is not its own
+        cond = np.asarray(Image.open(root / f"{records[j]['index']:04d}_condition.png").convert(
+            "RGB" if annotator.mode == "RGB" else "L"))
+        scores.append(controllability(condition, annotator, [cond], [np.asarray(images[records[i]["index"]])]))
+    return float(np.mean(scores))
+
+
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="base model: hub id or folder")
-    add("--controlnet", action="append", required=True, help="repeatable: a trained ControlNet (folder or hub id)")
+    add("--controlnet", action="append", help="repeatable: a trained ControlNet (folder or hub id); none = the base "
+        "model alone, with the same prompts and seeds (give --shard or --image for the conditions eval compares with)")
     add("--image", action="append", help="repeatable: the condition image for each --controlnet")
     add("--scale", action="append", type=float, help="repeatable: each ControlNet's scale (default 1)")
     add("--shard", help="draw conditions (and source captions) from this shard instead of --image")
@@ -201,7 +223,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     add("--prompt", help="the prompt for --prompt-mode user")
     add("--negative-prompt", default="")
     add("--caption-model", default="Salesforce/blip-image-captioning-base", help="BLIP for --prompt-mode auto")
-    add("--mode", choices=MODES, default="paper", help="guidance weighting (default paper)")
+    add("--mode", choices=MODES, default="paper", help="guidance weighting (default paper): paper = control in the "
+        "conditional branch weighted by resolution; lllyasviel, diffusers = other weightings; both = both branches; "
+        "uncond = unconditional branch only; --guidance-scale 1 = no CFG")
     add("--steps", type=int, default=20, help="DDIM steps (default 20)")
     add("--guidance-scale", type=float, default=9.0, help="CFG scale (default 9.0)")
     add("--resolution", type=int, default=512)
@@ -214,6 +238,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--condition", required=True, help="which annotator re-annotates the images")
     parser.add_argument("--weights", help="the annotator's weights (hub id or folder)")
     parser.add_argument("--clip-model", help="a CLIP model (folder or hub id) for the CLIP score of image vs prompt")
+    parser.add_argument("--shuffled", action="store_true",
+                        help="also score each image against another sample's condition (the chance level)")
 
 
 def run_sample_from_args(args: argparse.Namespace) -> int:
@@ -227,7 +253,8 @@ def run_sample_from_args(args: argparse.Namespace) -> int:
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
     try:
-        run_eval(args.folder, args.condition, {"weights": args.weights} if args.weights else None, args.clip_model)
+        run_eval(args.folder, args.condition, {"weights": args.weights} if args.weights else None, args.clip_model,
+                 args.shuffled)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

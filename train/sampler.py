@@ -10,6 +10,9 @@ Guidance weighting (`mode`):
   13 connections (the reference code's soft control).
 - `diffusers`: diffusers' guess mode: conditional branch only, w = logspace(-1, 0, 13).
 - `both`: control in both branches, all weights 1 (the plain behaviour).
+- `uncond`: control only in the unconditional branch, weights 1 (an ablation: CFG then
+  pushes *away* from the control).
+With no ControlNet at all the sampler draws from the base model alone (for comparison).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-MODES = ("paper", "lllyasviel", "diffusers", "both")
+MODES = ("paper", "lllyasviel", "diffusers", "both", "uncond")
 DEFAULT_PROMPT = "a professional, detailed, high-quality image"
 
 
@@ -47,8 +50,8 @@ class Control:
     scale: float = 1.0
 
 
-def control_residuals(controls: Sequence[Control], latents, t, text) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The paper's composition: the residuals of several ControlNets, summed."""
+def control_residuals(controls: Sequence[Control], latents, t, text) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """The paper's composition: the residuals of several ControlNets, summed (None, None without any)."""
     down_sum, mid_sum = None, None
     for control in controls:
         down, mid = control.model(latents, t, encoder_hidden_states=text, controlnet_cond=control.image,
@@ -61,7 +64,9 @@ def control_residuals(controls: Sequence[Control], latents, t, text) -> tuple[li
     return down_sum, mid_sum
 
 
-def weighted(down: list[torch.Tensor], mid: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], torch.Tensor, list[float]]:
+def weighted(down: list[torch.Tensor] | None, mid: torch.Tensor | None, mode: str):
+    if down is None:
+        return None, None, []
     sizes = [d.shape[-1] for d in down] + [mid.shape[-1]]
     weights = control_weights(mode, sizes)
     return [d * w for d, w in zip(down, weights[:-1])], mid * weights[-1], weights
@@ -98,14 +103,15 @@ def sample(unet, vae, text_encoder, tokenizer, scheduler, controls: Sequence[Con
     weights: list[float] = []
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
-        down, mid = control_residuals(controls, x, t, cond_text)
+        down, mid = control_residuals(controls, x, t, cond_text) if mode != "uncond" else (None, None)
         down, mid, weights = weighted(down, mid, mode)
         eps_cond = unet(x, t, encoder_hidden_states=cond_text, down_block_additional_residuals=down,
                         mid_block_additional_residual=mid, return_dict=False)[0]
-        if mode == "both":
+        if mode in ("both", "uncond"):
             down_u, mid_u = control_residuals(controls, x, t, uncond_text)
             eps_uncond = unet(x, t, encoder_hidden_states=uncond_text, down_block_additional_residuals=down_u,
                               mid_block_additional_residual=mid_u, return_dict=False)[0]
+            weights = weights or [1.0] * (len(down_u) + 1 if down_u is not None else 0)
         else:  # the unconditional branch sees no control
             eps_uncond = unet(x, t, encoder_hidden_states=uncond_text, return_dict=False)[0]
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -66,7 +67,11 @@ def load_frozen(pretrained: str, dtype: torch.dtype):
     return tokenizer, text_encoder.to(dtype), vae.to(dtype), unet, scheduler
 
 
-def make_controlnet(unet, controlnet: str | None = None):
+def make_controlnet(unet, controlnet: str | None = None, vae_scale_factor: int = 8, init: str = "zero"):
+    """The trainable copy of the UNet encoder. Its condition encoder must shrink the
+    condition image by the VAE's factor (SD's is 8; a tiny base may use 4), so its stride-2
+    convolutions are cut to log2(factor). `init="random"` re-initialises the zero
+    convolutions (an ablation of the paper's design: noise reaches the UNet at step 0)."""
     from diffusers import ControlNetModel
 
     if controlnet:
@@ -74,7 +79,23 @@ def make_controlnet(unet, controlnet: str | None = None):
             return ControlNetModel.from_pretrained(controlnet)
         except (OSError, ValueError) as exc:
             raise TrainError(f"cannot load ControlNet {controlnet!r}: {exc}") from None
-    return ControlNetModel.from_unet(unet)  # the trainable copy; its zero convolutions start at 0
+    levels = int(round(math.log2(vae_scale_factor)))
+    if 2 ** levels != vae_scale_factor or levels < 1:
+        raise TrainError(f"the VAE's downsampling factor {vae_scale_factor} is not a power of two >= 2")
+    channels = (16, 32, 96, 256, 256, 256)[:levels + 1]
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    if init == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+                conv.reset_parameters()  # PyTorch's default (Kaiming-uniform) initialisation
+    elif init != "zero":
+        raise TrainError(f"controlnet init must be 'zero' or 'random', got {init!r}")
+    return net
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -121,7 +142,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     urls = expand_shards(cfg.shards) if not cfg.dataset else []
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_frozen(cfg.pretrained_model, weight_dtype)
-    controlnet = make_controlnet(unet, cfg.controlnet)
+    controlnet = make_controlnet(unet, cfg.controlnet, vae_scale_factor(vae), cfg.controlnet_init)
     controlnet.train()
     params = [{"params": list(controlnet.parameters()), "lr": cfg.learning_rate}]
     if cfg.unlock_decoder:  # the reference code's sd_locked=False: decoder trains too, at its own lr
@@ -162,8 +183,9 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                  global_step * cfg.gradient_accumulation_steps)
     dataset = make_hf_dataset(cfg.dataset, *data_args) if cfg.dataset else make_dataset(urls, *data_args)
     loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
-    validation = (_validation_batch(urls, cfg) if urls and cfg.num_validation_images and accelerator.is_main_process
-                  else None)
+    validation_urls = expand_shards(cfg.validation_shards) if cfg.validation_shards else urls
+    validation = (_validation_batch(validation_urls, cfg) if validation_urls and cfg.num_validation_images
+                  and accelerator.is_main_process else None)
     tracker = _controllability_tracker(cfg) if validation is not None else None
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
@@ -199,7 +221,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                              samples_s=f"{samples_seen / elapsed:.1f}")
         accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
-            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit,
+                            ema_model=ema, controlnet=controlnet)
         if global_step % cfg.validation_steps == 0 and cfg.num_validation_images:
             stop = 0
             if validation is not None:
@@ -242,7 +265,8 @@ def _step(batch, cfg, vae, text_encoder, tokenizer, unet, controlnet, noise_sche
         latents = (latents * vae.config.scaling_factor).float()
         encoder_hidden_states = encode_prompts(tokenizer, text_encoder, dropout(batch["text"]), device)
     noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+    timesteps = sample_timesteps(cfg.timestep_sampling, latents.shape[0], noise_scheduler.config.num_train_timesteps,
+                                 device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     down, mid = controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states.float(),
                            controlnet_cond=batch["conditioning_pixel_values"].to(device), return_dict=False)
@@ -255,6 +279,15 @@ def _step(batch, cfg, vae, text_encoder, tokenizer, unet, controlnet, noise_sche
     else:
         target = noise
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def sample_timesteps(how: str, batch: int, total: int, device) -> torch.Tensor:
+    """`uniform` as the paper; `cubic` as T2I-Adapter: t = (1 - u^3) T puts most samples at
+    high noise, where the layout is decided and the condition carries the most information."""
+    if how == "cubic":
+        u = torch.rand(batch, device=device)
+        return ((1 - u ** 3) * total).long().clamp(0, total - 1)
+    return torch.randint(0, total, (batch,), device=device).long()
 
 
 def _optimizer(cfg: TrainConfig, params):
@@ -275,12 +308,23 @@ def _tracker_available(name: str) -> bool:
     return importlib.util.find_spec("tensorboard" if name == "tensorboard" else "wandb") is not None
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None) -> None:
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None, ema_model=None,
+                    controlnet=None) -> None:
     """Model, optimizer, lr schedule, RNG states (and our prompt-dropout generator) via
-    accelerate, plus the step; at most `keep` checkpoints stay."""
+    accelerate, plus the step, plus `controlnet/`: the weights as a ControlNet folder that
+    `from_pretrained` (and `controlforge sample`) loads directly (the EMA weights when
+    EMA is on, as the final model). At most `keep` checkpoints stay."""
     path = output_dir / f"checkpoint-{step}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
+        if controlnet is not None:
+            model = accelerator.unwrap_model(controlnet)
+            if ema_model is not None:
+                ema_model.store(model.parameters())
+                ema_model.copy_to(model.parameters())
+            model.save_pretrained(path / "controlnet")
+            if ema_model is not None:
+                ema_model.restore(model.parameters())
         (path / "controlforge_state.json").write_text(json.dumps({"global_step": step}))
         if keep:
             for old in checkpoints(output_dir)[:-keep]:
@@ -326,7 +370,7 @@ def run_validation(batch, cfg, accelerator, vae, text_encoder, tokenizer, unet, 
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     with torch.autocast(accelerator.device.type, enabled=dtype != torch.float32):
         images = pipe(batch["text"], conditions, num_inference_steps=cfg.validation_inference_steps,
-                      generator=generator, height=cfg.resolution, width=cfg.resolution).images
+                      guidance_scale=cfg.validation_guidance_scale, generator=generator, height=cfg.resolution, width=cfg.resolution).images
     size = cfg.resolution
     grid = Image.new("RGB", (2 * size, len(images) * size))
     for row, (cond, image) in enumerate(zip(conditions, images)):
