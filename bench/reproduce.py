@@ -1,0 +1,459 @@
+"""Does the trainer learn? A fill50k-style reproduction, end to end with controlforge's
+own commands (build, train, sample, eval), on a tiny base model that runs on a CPU.
+
+    python bench/reproduce.py --quick --output out/repro       # <= 30 min on 2 CPU cores
+    python bench/reproduce.py --output out/repro-full          # 3 seeds, longer runs, all ablations
+
+Steps: write circles (bench/circles.py) -> `controlforge build --conditions canny
+--keep-captions` for the training and the held-out set -> `controlforge train` on the
+stored tiny base (bench/circles_base, or --make-base to train one) -> `controlforge
+sample` every checkpoint on the held-out conditions, and the base model with the same
+prompts and seeds -> `controlforge eval --shuffled` (edge F1, 2 px tolerance, against the
+own and against shuffled conditions) -> ablations (zero vs random init of the output
+layers, prompt dropout 50 % vs 0 % in the no-prompt mode, the sampler's guidance modes)
+-> DIR/results.json, DIR/report.md (+ PNG plots), DIR/samples/{controlnet,base}/.
+
+An output folder holding an earlier run with the same settings is resumed (finished
+phases are skipped, training resumes from its last checkpoint); one with other settings,
+or with files that are not a run's, is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+MODES = {
+    "quick": dict(train_images=6000, heldout=64, steps=1200, eval_every=200, seeds=[0], ablation_steps=400,
+                  batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=100, curve_samples=64),
+    "full": dict(train_images=20000, heldout=64, steps=3000, eval_every=250, seeds=[0, 1, 2], ablation_steps=500,
+                 batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=250, curve_samples=64),
+}
+SAMPLING = dict(steps=20, guidance_scale=5.0, mode="paper")
+GUIDANCE_MODES = {  # name -> sampler flags, on the same checkpoint
+    "paper (CFG resolution weighting)": ["--mode", "paper"],
+    "both branches": ["--mode", "both"],
+    "unconditional branch only": ["--mode", "uncond"],
+    "no CFG (scale 1)": ["--mode", "both", "--guidance-scale", "1"],
+    "lllyasviel soft weights": ["--mode", "lllyasviel"],
+    "diffusers guess-mode weights": ["--mode", "diffusers"],
+}
+MODES["smoke"] = dict(train_images=48, heldout=8, steps=4, eval_every=2, seeds=[0], ablation_steps=2, batch=4,
+                      learning_rate=1e-3, timestep_sampling="cubic", validation_steps=2, curve_samples=8)  # plumbing only, ~1 min
+TARGETS = {"smoke": dict(f1=0.0, over_base=0.0, over_shuffled=0.0), "quick": dict(f1=0.35, over_base=2.0, over_shuffled=2.0), "full": dict(f1=0.5, over_base=3.0, over_shuffled=3.0)}
+
+
+class RefusedOutput(RuntimeError):
+    pass
+
+
+class Run:
+    """The output folder: its settings, the phases done (state.json), and logging."""
+
+    def __init__(self, out: Path, settings: dict):
+        self.out, self.settings = out, settings
+        self.work = out / "work"
+        state_path = out / "state.json"
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+            if state["settings"] != settings:
+                changed = sorted(k for k in settings.keys() | state["settings"].keys()
+                                 if settings.get(k) != state["settings"].get(k))
+                raise RefusedOutput(f"{out} holds a run with other settings ({', '.join(changed)} differ): "
+                                    f"resume it with the same flags, or pass another --output")
+            self.done = state["done"]
+            self.first_started = state.get("started", time.time())
+            self.log(f"resuming the run in {out}: done so far: {', '.join(self.done) or 'nothing'}")
+        elif out.exists() and any(out.iterdir()):
+            raise RefusedOutput(f"{out} is not empty and holds no reproduce run (no state.json): pass an empty or "
+                                f"new --output so nothing gets mixed")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            self.done = {}
+            self.first_started = time.time()
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.out / "state.json.tmp"
+        tmp.write_text(json.dumps({"settings": self.settings, "started": self.first_started, "done": self.done},
+                                  indent=1))
+        os.replace(tmp, self.out / "state.json")
+
+    def phase(self, name: str, fn):
+        """Run `fn` once; its (JSON) result is kept, so a resumed run skips it."""
+        if name not in self.done:
+            began = time.perf_counter()
+            self.log(f"== {name}")
+            result = fn()
+            self.done[name] = {"result": result, "seconds": round(time.perf_counter() - began, 1)}
+            self._save()
+        return self.done[name]["result"]
+
+    def log(self, message: str) -> None:
+        elapsed = time.time() - getattr(self, "first_started", time.time())
+        line = f"[{elapsed / 60:5.1f} min] {message}"
+        print(line, flush=True)
+        with open(self.out / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+
+def controlforge(*argv: str) -> None:
+    """The project's own command line, in this process (no interpreter start per call)."""
+    from pipeline.cli import main
+
+    code = main([str(a) for a in argv])
+    if code:
+        raise RuntimeError(f"controlforge {' '.join(map(str, argv))} exited with {code}")
+
+
+# ---- phases ----------------------------------------------------------------------------
+
+def make_data(run: Run, s: dict) -> dict:
+    from circles import circle_sets, write_circles
+
+    train, heldout = circle_sets(s["train_images"], s["heldout"], seed=0)
+    write_circles(run.work / "data" / "train", train)
+    write_circles(run.work / "data" / "heldout", heldout)
+    return {"train": len(train), "heldout": len(heldout)}
+
+
+def build(run: Run, split: str, per_shard: int) -> dict:
+    out = run.work / "shards" / split
+    controlforge("build", "--input", run.work / "data" / split, "--output", out, "--conditions", "canny",
+                 "--keep-captions", "--caption-model", "none", "--resolution", 64, "--min-size", 64,
+                 "--samples-per-shard", per_shard, "--executor", "local", "--preview", 0, "--overwrite")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"samples": sum(s["samples"] for s in manifest["shards"]), "shards": len(manifest["shards"])}
+
+
+def base_model(run: Run, make: bool) -> str:
+    from circles import STORED_BASE, make_base
+
+    if not make:
+        return str(STORED_BASE)
+    folder = run.work / "base"
+    make_base(folder, vae_seconds=600, unet_seconds=1080, log=run.log)
+    return str(folder)
+
+
+def train(run: Run, s: dict, base: str, name: str, seed: int, steps: int, **extra) -> str:
+    out = run.work / "runs" / f"{name}-s{seed}"
+    flags = {"--init": extra.get("init", "zero"), "--dropout": extra.get("dropout", 0.5)}
+    controlforge("train", "--shards", run.work / "shards" / "train", "--pretrained-model", base,
+                 "--output-dir", out, "--resolution", 64, "--train-batch-size", s["batch"],
+                 "--max-train-steps", steps, "--learning-rate", s["learning_rate"],
+                 "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", 50,
+                 "--checkpointing-steps", s["eval_every"], "--checkpoints-total-limit", 1000,
+                 "--validation-shards", run.work / "shards" / "heldout", "--validation-steps", s["validation_steps"],
+                 "--num-validation-images", 16, "--validation-inference-steps", SAMPLING["steps"],
+                 "--validation-guidance-scale", SAMPLING["guidance_scale"],
+                 "--controlnet-init", flags["--init"], "--prompt-dropout", flags["--dropout"],
+                 "--timestep-sampling", s["timestep_sampling"], "--dataloader-num-workers", 0, "--shuffle-buffer", 1000, "--report-to", "none", "--seed", seed,
+                 "--resume", "latest")
+    return str(out)
+
+
+def sample_and_eval(run: Run, folder: Path, base: str, controlnet: str | None, n: int, seed: int = 0,
+                    extra: list[str] = (), prompt_mode: str = "auto") -> dict:
+    """`controlforge sample` on the held-out conditions, then `controlforge eval --shuffled`."""
+    shard = sorted((run.work / "shards" / "heldout" / "shards").glob("*.tar"))[0]
+    if folder.exists():
+        shutil.rmtree(folder)  # a half-written folder from an interrupted run is redone whole
+    flags = {"--mode": SAMPLING["mode"], "--guidance-scale": SAMPLING["guidance_scale"], **dict(zip(extra[::2], extra[1::2]))}
+    controlforge("sample", "--pretrained-model", base, *(["--controlnet", controlnet] if controlnet else []),
+                 "--shard", shard, "--condition", "canny", "--num", n, "--prompt-mode", prompt_mode,
+                 "--steps", SAMPLING["steps"], "--resolution", 64, "--seed", seed, "--output", folder,
+                 *[x for kv in flags.items() for x in kv])
+    controlforge("eval", folder, "--condition", "canny", "--shuffled")
+    report = json.loads((folder / "report.json").read_text())
+    result = {"f1": report["mean"], "f1_shuffled": report["shuffled_mean"], "colour_accuracy": colour_accuracy(run, folder)}
+    run.log(f"   {folder.relative_to(run.out)}: F1 {result['f1']:.3f} (shuffled {result['f1_shuffled']:.3f}), "
+            f"colours right {result['colour_accuracy']:.2f}")
+    return result
+
+
+def heldout_captions(run: Run) -> dict[str, str]:
+    """Sample key -> the caption of its held-out circle (what the prompt asked for)."""
+    import webdataset as wds
+
+    shard = sorted((run.work / "shards" / "heldout" / "shards").glob("*.tar"))
+    return {s["__key__"]: s["txt"].decode().strip() for s in wds.WebDataset([str(p) for p in shard],
+                                                                            shardshuffle=False, empty_check=False)}
+
+
+def colour_accuracy(run: Run, folder: Path) -> float:
+    """Prompt-following, independent of position: the share of samples whose most common
+    colour (nearest of the task's colours) is the caption's background and second most
+    common is the circle's colour. Judged against the held-out caption even when the
+    sample was drawn without a prompt."""
+    import numpy as np
+    from PIL import Image
+
+    from circles import COLOURS
+
+    names = list(COLOURS)
+    palette = np.array([COLOURS[n] for n in names], np.float32)
+    captions = heldout_captions(run)
+    right = []
+    for record_path in sorted(folder.glob("[0-9][0-9][0-9][0-9].json")):
+        record = json.loads(record_path.read_text())
+        caption = captions[record["source"]]
+        fg, bg = caption.removeprefix("a ").removesuffix(" background").split(" circle on a ")
+        pixels = np.asarray(Image.open(folder / f"{record['index']:04d}.png").convert("RGB"), np.float32).reshape(-1, 3)
+        nearest = np.argmin(((pixels[:, None] - palette[None]) ** 2).sum(-1), axis=1)
+        counts = np.bincount(nearest, minlength=len(names))
+        first, second = np.argsort(-counts)[:2]
+        right.append(names[first] == bg and names[second] == fg)
+    return float(np.mean(right))
+
+
+def vae_ceiling(run: Run, base: str) -> dict:
+    """Edge F1 of the base's VAE reconstructions of the held-out images: no sample can
+    beat what the decoder can draw (a diagnostic, measured with the same metric)."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from stages.annotators import create
+    from train.metrics import controllability
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32).eval()
+    folder = run.work / "samples" / "base"
+    conditions, images = [], []
+    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9]_condition.png")):
+        conditions.append(np.asarray(Image.open(path).convert("L")))
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("[0-9][0-9][0-9][0-9].json"))]
+    originals = heldout_images(run)
+    with torch.no_grad():
+        for record in records:
+            x = torch.from_numpy(originals[record["source"]]).permute(2, 0, 1)[None].float() / 127.5 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            images.append(((y[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    canny = create(["canny"], {})["canny"]
+    return {"f1": controllability("canny", canny, conditions, images)}
+
+
+def heldout_images(run: Run) -> dict:
+    import webdataset as wds
+
+    shard = sorted((run.work / "shards" / "heldout" / "shards").glob("*.tar"))
+    import numpy as np
+
+    return {s["__key__"]: np.asarray(s["jpg"].convert("RGB")) for s in wds.WebDataset(
+        [str(p) for p in shard], shardshuffle=False, empty_check=False).decode("pil")}
+
+
+def trainer_convergence(run_dir: str) -> dict:
+    path = Path(run_dir) / "controllability.json"
+    if not path.exists():
+        return {"sudden_convergence_step": None, "steps": [], "values": []}
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in ("steps", "values", "sudden_convergence_step", "metric")}
+
+
+# ---- the whole reproduction ---------------------------------------------------------------
+
+class Job(NamedTuple):
+    name: str
+    fn: Callable[[], Any]
+    deps: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()  # files that must exist first (a checkpoint another job is writing)
+
+
+def _one_worker_thread(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_jobs(run: Run, jobs: list[Job], workers: int, threads: int) -> None:
+    """Run jobs in `workers` processes, in list order as their inputs become ready.
+    On 2 cores, two 1-thread processes do about 1.5x the work of one 2-thread process
+    (small tensors parallelise poorly inside one op), so training runs and sample
+    evaluations overlap. Results are recorded by this process as each job ends."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pending = [job for job in jobs if job.name not in run.done]
+    running: dict = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_worker_thread, initargs=(threads,)) as pool:
+        while pending or running:
+            for job in list(pending):
+                if len(running) >= workers:
+                    break
+                if all(d in run.done for d in job.deps) and all(Path(f).exists() for f in job.files):
+                    pending.remove(job)
+                    run.log(f"== {job.name}")
+                    running[pool.submit(job.fn)] = (job, time.perf_counter())
+            if not running:
+                raise RuntimeError(f"jobs wait for inputs nothing is making: {[j.name for j in pending]}")
+            finished, _ = wait(running, timeout=5, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, began = running.pop(future)
+                run.done[job.name] = {"result": future.result(), "seconds": round(time.perf_counter() - began, 1)}
+                run._save()
+
+
+def plan(run: Run, s: dict, base: str) -> list[Job]:
+    """Every training and evaluation of the reproduction, most urgent first."""
+    a, last = s["ablation_steps"], s["steps"]
+    checkpoint_steps = sorted({*range(s["eval_every"], last + 1, s["eval_every"]), last, a})
+    samples = run.work / "samples"
+    n = s["curve_samples"]
+
+    def runs(name: str, seed: int) -> Path:
+        return run.work / "runs" / f"{name}-s{seed}"
+
+    def ready(name: str, seed: int, step: int) -> tuple[Path, ...]:
+        return (runs(name, seed) / f"checkpoint-{step}" / "controlforge_state.json",)
+
+    def net(name: str, seed: int, step: int) -> str:
+        return str(runs(name, seed) / f"checkpoint-{step}" / "controlnet")
+
+    jobs = [Job(f"train seed {seed}", partial(train, run, s, base, "main", seed, last)) for seed in s["seeds"]]
+    jobs += [Job("sample base", partial(sample_and_eval, run, samples / "base", base, None, n)),
+             Job("sample base, no prompt", partial(sample_and_eval, run, samples / "base-none", base, None, n,
+                                                   prompt_mode="none")),
+             Job("vae ceiling", partial(vae_ceiling, run, base), deps=("sample base",))]
+    for seed in s["seeds"]:
+        jobs += [Job(f"train seed {seed} random init", partial(train, run, s, base, "random-init", seed, a, init="random")),
+                 Job(f"train seed {seed} no prompt dropout", partial(train, run, s, base, "dropout0", seed, a, dropout=0.0))]
+    for seed in s["seeds"]:
+        jobs += [Job(f"eval seed {seed} step {k}", partial(sample_and_eval, run, samples / f"main-s{seed}-{k}", base,
+                                                           net("main", seed, k), n), files=ready("main", seed, k))
+                 for k in checkpoint_steps]
+        jobs += [Job(f"eval seed {seed} random init", partial(sample_and_eval, run, samples / f"random-init-s{seed}", base,
+                                                              net("random-init", seed, a), n),
+                     files=ready("random-init", seed, a)),
+                 Job(f"eval seed {seed} dropout 50 no prompt", partial(
+                     sample_and_eval, run, samples / f"dropout50-none-s{seed}", base, net("main", seed, a), n,
+                     prompt_mode="none"), files=ready("main", seed, a)),
+                 Job(f"eval seed {seed} dropout 0 no prompt", partial(
+                     sample_and_eval, run, samples / f"dropout0-none-s{seed}", base, net("dropout0", seed, a), n,
+                     prompt_mode="none"), files=ready("dropout0", seed, a))]
+        jobs += [Job(f"guidance seed {seed} {name}", partial(sample_and_eval, run, samples / f"guidance-s{seed}-{i}", base,
+                                                             net("main", seed, last), n, extra=flags),
+                     files=ready("main", seed, last)) for i, (name, flags) in enumerate(GUIDANCE_MODES.items())]
+    return jobs
+
+
+def reproduce(args) -> dict:
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    s = dict(MODES[mode])
+    if args.steps:
+        s["steps"] = args.steps
+    if args.seeds:
+        s["seeds"] = list(range(args.seeds))
+    settings = {"mode": mode, **s, "make_base": args.make_base, "base": args.base, "sampling": SAMPLING}
+    run = Run(Path(args.output), settings)
+    workers = args.workers or min(os.cpu_count() or 1, 2 if mode != "full" else 3)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    run.log(f"mode {mode}: {s}; {workers} worker processes x {threads} torch thread(s)")
+    run.phase("data", lambda: make_data(run, s))
+    run.phase("build train", lambda: build(run, "train", 1000))
+    run.phase("build heldout", lambda: build(run, "heldout", s["heldout"]))
+    base = run.phase("base model", lambda: args.base or base_model(run, args.make_base))
+    run_jobs(run, plan(run, s, base), workers, threads)
+
+    def done(name: str):
+        return run.done[name]["result"]
+
+    a, last = s["ablation_steps"], s["steps"]
+    checkpoint_steps = sorted({*range(s["eval_every"], last + 1, s["eval_every"]), last})
+    results: dict = {"mode": mode, "settings": settings, "base_model": base, "seeds": {},
+                     "base": done("sample base"), "base_no_prompt": done("sample base, no prompt"),
+                     "vae_reconstruction": done("vae ceiling")}
+    for seed in s["seeds"]:
+        results["seeds"][seed] = {
+            "curve": {k: done(f"eval seed {seed} step {k}") for k in checkpoint_steps},
+            "ablation_step": a,
+            "ablations": {"zero_init": done(f"eval seed {seed} step {a}"),
+                          "random_init": done(f"eval seed {seed} random init"),
+                          "dropout_50_no_prompt": done(f"eval seed {seed} dropout 50 no prompt"),
+                          "dropout_0_no_prompt": done(f"eval seed {seed} dropout 0 no prompt")},
+            "guidance": {name: done(f"guidance seed {seed} {name}") for name in GUIDANCE_MODES},
+            "convergence": trainer_convergence(done(f"train seed {seed}"))}
+    first = s["seeds"][0]
+    shutil.copytree(run.work / "samples" / f"main-s{first}-{last}", run.out / "samples" / "controlnet",
+                    dirs_exist_ok=True)
+    shutil.copytree(run.work / "samples" / "base", run.out / "samples" / "base", dirs_exist_ok=True)
+    results["summary"] = summarise(results, s, TARGETS[mode])
+    results["seconds"] = {k: v["seconds"] for k, v in run.done.items()}
+    results["minutes_wall"] = round((time.time() - run.first_started) / 60, 1)
+    results["machine"] = machine()
+    (run.out / "results.json").write_text(json.dumps(results, indent=1))
+    from reproduce_report import write_report
+
+    write_report(run.out, results)
+    run.log(f"done: {run.out / 'report.md'}; {json.dumps(results['summary'])}")
+    return results
+
+
+def mean_spread(values: list[float]) -> dict:
+    import numpy as np
+
+    return {"mean": float(np.mean(values)), "spread": float(np.std(values)), "n": len(values)}
+
+
+def summarise(results: dict, s: dict, targets: dict) -> dict:
+    final = [r["curve"][s["steps"]] for r in results["seeds"].values()]
+    f1 = mean_spread([r["f1"] for r in final])
+    shuffled = mean_spread([r["f1_shuffled"] for r in final])
+    base_f1 = results["base"]["f1"]
+    summary = {"controlnet_f1": f1, "controlnet_f1_shuffled": shuffled, "base_f1": base_f1,
+               "base_f1_shuffled": results["base"]["f1_shuffled"],
+               "ratio_over_base": f1["mean"] / max(base_f1, 1e-9),
+               "ratio_over_shuffled": f1["mean"] / max(shuffled["mean"], 1e-9), "targets": targets}
+    summary["targets_met"] = {"f1": f1["mean"] >= targets["f1"],
+                              "over_base": summary["ratio_over_base"] >= targets["over_base"],
+                              "over_shuffled": summary["ratio_over_shuffled"] >= targets["over_shuffled"]}
+    return summary
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, short ablations (<= 30 min on 2 CPU cores)")
+    parser.add_argument("--output", required=True, help="results folder (resumed if it holds this run)")
+    parser.add_argument("--make-base", action="store_true",
+                        help="train the tiny base here (about 28 min) instead of using bench/circles_base")
+    parser.add_argument("--base", help="a base model folder to use instead of the stored one")
+    parser.add_argument("--smoke", action="store_true", help="a plumbing check in about a minute: tiny settings, "
+                        "nothing is expected to learn")
+    parser.add_argument("--steps", type=int, help="ControlNet steps of the main runs (default: by mode)")
+    parser.add_argument("--seeds", type=int, help="how many seeds (default: 1 quick, 3 full)")
+    parser.add_argument("--workers", type=int, help="processes that train and sample side by side (default: 2, "
+                        "3 in full mode, at most the cores); each gets cores / workers torch threads")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        reproduce(args)
+    except RefusedOutput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
