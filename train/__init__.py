@@ -1,1 +1,2 @@
-"""ControlNet trainer, sampler and metrics: not built yet (see the issues)."""
+"""ControlNet training on build shards (trainer, data), the paper's sampler, and the
+controllability metrics with the sudden-convergence detector."""
