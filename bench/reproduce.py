@@ -146,20 +146,21 @@ def base_model(run: Run, make: bool) -> str:
     return str(folder)
 
 
-def train(run: Run, s: dict, base: str, name: str, seed: int, steps: int, **extra) -> str:
+def train(run: Run, s: dict, base: str, name: str, seed: int, steps: int, init: str = "zero",
+          dropout: float = 0.5) -> str:
+    """`controlforge train` with the reproduction's recipe; checkpoints every `eval_every`
+    steps (each holds a ControlNet folder to sample), validation on the held-out shards."""
     out = run.work / "runs" / f"{name}-s{seed}"
-    flags = {"--init": extra.get("init", "zero"), "--dropout": extra.get("dropout", 0.5)}
     controlforge("train", "--shards", run.work / "shards" / "train", "--pretrained-model", base,
                  "--output-dir", out, "--resolution", 64, "--train-batch-size", s["batch"],
                  "--max-train-steps", steps, "--learning-rate", s["learning_rate"],
                  "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", 50,
+                 "--timestep-sampling", s["timestep_sampling"], "--controlnet-init", init, "--prompt-dropout", dropout,
                  "--checkpointing-steps", s["eval_every"], "--checkpoints-total-limit", 1000,
                  "--validation-shards", run.work / "shards" / "heldout", "--validation-steps", s["validation_steps"],
                  "--num-validation-images", 16, "--validation-inference-steps", SAMPLING["steps"],
-                 "--validation-guidance-scale", SAMPLING["guidance_scale"],
-                 "--controlnet-init", flags["--init"], "--prompt-dropout", flags["--dropout"],
-                 "--timestep-sampling", s["timestep_sampling"], "--dataloader-num-workers", 0, "--shuffle-buffer", 1000, "--report-to", "none", "--seed", seed,
-                 "--resume", "latest")
+                 "--validation-guidance-scale", SAMPLING["guidance_scale"], "--dataloader-num-workers", 0,
+                 "--shuffle-buffer", 1000, "--report-to", "none", "--seed", seed, "--resume", "latest")
     return str(out)
 
 
