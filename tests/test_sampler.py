@@ -228,3 +228,30 @@ def test_keypoint_distance_and_clip_score(tmp_path):
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)) for i in range(2)]
     score = clip_score(images, ["a cat", "a dog"], str(model))
     assert 0.0 <= score <= 100.0 and score == clip_score(images, ["a cat", "a dog"], str(model))
+
+
+def test_a_sample_is_the_same_alone_or_in_a_batch(tiny):
+    """Batching is a speed-up only: each sample keeps its own seed's noise (random weights:
+    this checks the plumbing, not image quality)."""
+    import numpy as np
+
+    from train.sampler import Control, sample
+
+    t = {**tiny, "scheduler": scheduler(tiny["sd"])}
+    conditions = torch.rand(3, 3, 64, 64)
+    prompts = ["a red circle", "", "shapes"]
+
+    def draw(indices):
+        controls = [Control(t["nets"][0], conditions[indices])]
+        return sample(t["unet"], t["vae"], t["text_encoder"], t["tokenizer"], t["scheduler"], controls,
+                      [prompts[i] for i in indices], mode="paper", steps=3, guidance_scale=5.0, height=64, width=64,
+                      generator=[torch.Generator().manual_seed(10 + i) for i in indices]).images
+
+    batched = draw([0, 1, 2])
+    alone = [draw([i])[0] for i in range(3)]
+    for a, b in zip(batched, alone):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
+    assert not np.array_equal(np.asarray(batched[0]), np.asarray(batched[2])), "different seeds, different samples"
+    with pytest.raises(ValueError, match="one per prompt"):
+        sample(t["unet"], t["vae"], t["text_encoder"], t["tokenizer"], t["scheduler"], [], prompts, steps=1,
+               height=64, width=64, generator=[torch.Generator()])

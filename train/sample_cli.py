@@ -91,7 +91,7 @@ def contact_sheet(rows: list[tuple[Image.Image, Image.Image, str]], cell: int = 
 def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     from diffusers import ControlNetModel, DDIMScheduler
 
-    from .trainer import load_frozen
+    from .trainer import load_frozen, vae_scale_factor
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +101,13 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     unet, vae, text_encoder = unet.to(device, dtype), vae.to(device), text_encoder.to(device)
     scheduler = DDIMScheduler.from_pretrained(args.pretrained_model, subfolder="scheduler")
     nets = [ControlNetModel.from_pretrained(p).to(device, dtype).eval() for p in args.controlnet or []]
+    for path, net in zip(args.controlnet or [], nets):
+        factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+        if factor != vae_scale_factor(vae):
+            raise ValueError(f"{path}: its condition encoder shrinks images by {factor}, but the base's VAE by "
+                             f"{vae_scale_factor(vae)}: this ControlNet was trained for another base model")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
     scales = args.scale or [1.0] * len(nets)
     if len(scales) != len(nets):
         raise ValueError("give one --scale per --controlnet")
@@ -121,30 +128,36 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
         from stages.captioner import BlipCaptioner
 
         captioner = BlipCaptioner(args.caption_model, max_new_tokens=30)
-    records, rows = [], []
+    def generate(conditions: list[list[Image.Image]], prompts: list[str], seeds: list[int]):
+        """One batch: each ControlNet gets its conditions stacked; each sample its own seed."""
+        controls = [Control(net, torch.cat([_tensor(c[k], args.resolution) for c in conditions]).to(device, dtype), s)
+                    for k, (net, s) in enumerate(zip(nets, scales))]
+        return sample(unet, vae, text_encoder, tokenizer, scheduler, controls, prompts, args.negative_prompt,
+                      args.mode, args.steps, args.guidance_scale, args.resolution, args.resolution,
+                      [torch.Generator().manual_seed(seed) for seed in seeds])
+
+    planned = []  # prompts first (auto mode may draw a first pass per sample), then batches
     for index, (images, caption, name, condition_params) in enumerate(jobs):
         seed = args.seed + index
-        controls = [Control(net, _tensor(img, args.resolution).to(device, dtype), s) for net, img, s in
-                    zip(nets, images, scales)]
-
-        def generate(prompt: str):
-            return sample(unet, vae, text_encoder, tokenizer, scheduler, controls, [prompt], args.negative_prompt,
-                          args.mode, args.steps, args.guidance_scale, args.resolution, args.resolution,
-                          torch.Generator().manual_seed(seed))
-
-        prompt = resolve_prompt(args.prompt_mode, args.prompt, caption, lambda p: generate(p).images[0], captioner)
-        result = generate(prompt["prompt"])
-        record = {"index": index, "source": name, **prompt, "prompt_mode": args.prompt_mode,
-                  "negative_prompt": args.negative_prompt, "guidance_mode": args.mode, "weights": result.weights,
-                  "seed": seed, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                  "controlnets": list(args.controlnet or []), "scales": scales, "condition": args.condition,
-                  "condition_keypoints": condition_params.get("keypoints")}
-        result.images[0].save(out / f"{index:04d}.png")
-        images[0].convert("RGB").resize((args.resolution, args.resolution)).save(out / f"{index:04d}_condition.png")
-        (out / f"{index:04d}.json").write_text(json.dumps(record, indent=1))
-        records.append(record)
-        rows.append((images[0], result.images[0], prompt["prompt"]))
-        log(f"  {index:04d}: {prompt['prompt_source']}: {prompt['prompt']!r}")
+        prompt = resolve_prompt(args.prompt_mode, args.prompt, caption,
+                                lambda p: generate([images], [p], [seed]).images[0], captioner)
+        planned.append((index, images, name, condition_params, seed, prompt))
+    records, rows = [], []
+    for start in range(0, len(planned), args.batch_size):
+        chunk = planned[start:start + args.batch_size]
+        result = generate([c[1] for c in chunk], [c[5]["prompt"] for c in chunk], [c[4] for c in chunk])
+        for (index, images, name, condition_params, seed, prompt), image in zip(chunk, result.images):
+            record = {"index": index, "source": name, **prompt, "prompt_mode": args.prompt_mode,
+                      "negative_prompt": args.negative_prompt, "guidance_mode": args.mode, "weights": result.weights,
+                      "seed": seed, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                      "controlnets": list(args.controlnet or []), "scales": scales, "condition": args.condition,
+                      "condition_keypoints": condition_params.get("keypoints")}
+            image.save(out / f"{index:04d}.png")
+            images[0].convert("RGB").resize((args.resolution, args.resolution)).save(out / f"{index:04d}_condition.png")
+            (out / f"{index:04d}.json").write_text(json.dumps(record, indent=1))
+            records.append(record)
+            rows.append((images[0], image, prompt["prompt"]))
+            log(f"  {index:04d}: {prompt['prompt_source']}: {prompt['prompt']!r}")
     contact_sheet(rows).save(out / "contact_sheet.png")
     log(f"wrote {len(records)} samples and contact_sheet.png to {out}")
     return records
@@ -229,7 +242,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     add("--steps", type=int, default=20, help="DDIM steps (default 20)")
     add("--guidance-scale", type=float, default=9.0, help="CFG scale (default 9.0)")
     add("--resolution", type=int, default=512)
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="sample i uses seed + i, whatever the batch size")
+    add("--batch-size", type=int, default=16, help="samples drawn together (default 16); a sample is the same "
+        "in any batch size, up to float rounding")
     add("--output", default="out/samples")
 
 

@@ -87,18 +87,30 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], device) -> torch.Te
 @torch.no_grad()
 def sample(unet, vae, text_encoder, tokenizer, scheduler, controls: Sequence[Control], prompts: list[str],
            negative_prompt: str = "", mode: str = "paper", steps: int = 20, guidance_scale: float = 9.0,
-           height: int = 512, width: int = 512, generator: torch.Generator | None = None) -> SampleResult:
-    """DDIM + CFG; with `mode` deciding where the control goes and how it is weighted."""
+           height: int = 512, width: int = 512,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SampleResult:
+    """DDIM + CFG; with `mode` deciding where the control goes and how it is weighted.
+
+    `generator` may be one per prompt: each sample's starting noise then comes from its
+    own generator, so a sample is the same whether it is drawn alone or in a batch."""
     from PIL import Image
+
+    from .trainer import vae_scale_factor
 
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     batch = len(prompts)
     cond_text = encode_text(tokenizer, text_encoder, prompts, device).to(dtype)
     uncond_text = encode_text(tokenizer, text_encoder, [negative_prompt] * batch, device).to(dtype)
-    scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (batch, unet.config.in_channels, height // scale_factor, width // scale_factor)
-    latents = torch.randn(shape, generator=generator, device="cpu").to(device, dtype) * scheduler.init_noise_sigma
+    factor = vae_scale_factor(vae)
+    shape = (unet.config.in_channels, height // factor, width // factor)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} prompts: give one per prompt")
+        noise = torch.stack([torch.randn(shape, generator=g, device="cpu") for g in generator])
+    else:
+        noise = torch.randn((batch, *shape), generator=generator, device="cpu")
+    latents = noise.to(device, dtype) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=device)
     weights: list[float] = []
     for t in scheduler.timesteps:
@@ -116,6 +128,6 @@ def sample(unet, vae, text_encoder, tokenizer, scheduler, controls: Sequence[Con
             eps_uncond = unet(x, t, encoder_hidden_states=uncond_text, return_dict=False)[0]
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
-    decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     arrays = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return SampleResult([Image.fromarray(a) for a in arrays], weights)
