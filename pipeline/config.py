@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.config import ConfigError, load_config as load_typed_config
+
+__all__ = ["BuildConfig", "ConfigError", "load_config"]
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
 
@@ -20,10 +23,6 @@ CONTENT_FIELDS = (
     "samples_per_shard", "caption_model", "caption_prompt", "caption_max_tokens",
     "caption_beams", "keep_captions", "seed", "jpeg_quality", "annotator_params",
 )
-
-
-class ConfigError(ValueError):
-    """A config that cannot run: the message says which field and why."""
 
 
 class BuildConfig(BaseModel):
@@ -83,21 +82,5 @@ class BuildConfig(BaseModel):
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 model: type[BaseModel] = BuildConfig) -> Any:
-    """YAML file (if any), then CLI overrides (None values are 'not given'), validated as `model`."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
-        data.update(loaded or {})
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return model.model_validate(data)
-    except Exception as exc:  # pydantic.ValidationError: keep its field-by-field message
-        where = f" (from {path})" if path else ""
-        raise ConfigError(f"invalid {model.__name__}{where}:\n{exc}") from None
+    """A build config (or `model`) from YAML and CLI overrides; see common.config."""
+    return load_typed_config(path, overrides, model=model)

@@ -8,16 +8,12 @@ travel between operators as pickled bytes, so Arrow never has to understand them
 
 from __future__ import annotations
 
-import os
 import pickle
-from pathlib import Path
 from typing import Any, Iterator
 
+from common.ray_session import init_ray  # noqa: F401  (re-exported for the build)
 from stages.shard import ShardWork
 from stages.steps import Step
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 def run_steps(steps: list[Step], work: Any) -> Any:
     for step in steps:
@@ -61,22 +57,6 @@ class _ActorStep:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         payloads = [pickle.dumps(self.step(pickle.loads(p))) for p in batch["payload"]]
         return {"index": batch["index"], "payload": payloads}
-
-
-def init_ray(address: str | None = None) -> None:
-    """Join `address` / RAY_ADDRESS / the `ray job submit` cluster, else start an embedded one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # workers must import stages/ even when the package is not installed
-        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 def run_ray(steps: list[Step], works: list[ShardWork], num_cpus: float = 1.0,

@@ -9,7 +9,7 @@ import typing
 
 from pydantic import BaseModel
 
-from pipeline.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 
 from .config import TrainConfig
 
@@ -41,7 +41,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
     try:
-        cfg = load_config(args.config, overrides, TrainConfig)
+        cfg = load_config(args.config, overrides, model=TrainConfig)
         if not cfg.shards and not cfg.dataset:
             raise ConfigError("no data: pass --shards (a build folder, .tar files, brace patterns or URLs) or --dataset")
         if cfg.ray:

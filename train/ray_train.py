@@ -28,7 +28,7 @@ def train_on_ray(cfg: TrainConfig, log=print):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.executors import init_ray
+    from common.ray_session import init_ray
 
     init_ray()
     use_gpu = cfg.gpus_per_worker > 0

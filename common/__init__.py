@@ -1,0 +1,1 @@
+"""What the build (pipeline/) and the trainer (train/) both need, so neither imports the other."""
