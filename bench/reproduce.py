@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from functools import partial
@@ -36,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 MODES = {
     "quick": dict(train_images=6000, heldout=64, steps=1200, eval_every=200, seeds=[0], ablation_steps=400,
                   batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=100, curve_samples=64),
-    "full": dict(train_images=20000, heldout=64, steps=3000, eval_every=250, seeds=[0, 1, 2], ablation_steps=500,
+    "full": dict(train_images=20000, heldout=64, steps=2000, eval_every=250, seeds=[0, 1, 2], ablation_steps=500,
                  batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=250, curve_samples=64),
 }
 SAMPLING = dict(steps=20, guidance_scale=5.0, mode="paper")
@@ -272,10 +273,21 @@ class Job(NamedTuple):
     files: tuple[Path, ...] = ()  # files that must exist first (a checkpoint another job is writing)
 
 
-def _one_worker_thread(threads: int) -> None:
+def _worker_start(threads: int, parent: int) -> None:
+    """Torch threads per worker, and a watchdog: a worker whose parent is gone (killed,
+    even with SIGKILL) exits instead of training on into a folder nobody owns."""
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def run_jobs(run: Run, jobs: list[Job], workers: int, threads: int) -> None:
@@ -288,8 +300,9 @@ def run_jobs(run: Run, jobs: list[Job], workers: int, threads: int) -> None:
 
     pending = [job for job in jobs if job.name not in run.done]
     running: dict = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_one_worker_thread, initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_start, initargs=(threads, os.getpid()))
+    try:
         while pending or running:
             for job in list(pending):
                 if len(running) >= workers:
@@ -305,6 +318,12 @@ def run_jobs(run: Run, jobs: list[Job], workers: int, threads: int) -> None:
                 job, began = running.pop(future)
                 run.done[job.name] = {"result": future.result(), "seconds": round(time.perf_counter() - began, 1)}
                 run._save()
+    except BaseException:  # a failed job, Ctrl-C, SIGTERM: stop at once; finished jobs stay recorded
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
+    pool.shutdown()
 
 
 def plan(run: Run, s: dict, base: str) -> list[Job]:
@@ -459,6 +478,7 @@ def main() -> int:
                         "3 in full mode, at most the cores; 8 on a GPU); each gets cores / workers torch threads")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds like Ctrl-C: workers are stopped too
     try:
         reproduce(args)
     except RefusedOutput as exc:

@@ -175,6 +175,10 @@ def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
 
         out.write_atomic("preview.png", png_bytes(contact_sheet(out, cfg.preview)))
         log(f"preview: {out.url_of('preview.png')}")
+    if cfg.report_samples:
+        from pipeline.report import write_report
+
+        log(f"report: {write_report(out, cfg.report_samples)}")
     return summary
 
 
@@ -207,6 +211,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--executor", choices=["ray", "local"], help="ray (default) or local: one process, no Ray")
     add("--ray-address", help="Ray cluster to join (default RAY_ADDRESS, else an embedded local cluster)")
     add("--preview", type=int, help="samples drawn into OUT/preview.png (default 16, 0 = none)")
+    add("--report-samples", type=int, help="samples in the grid of OUT/report.html (default 1000, 0 = no report)")
     add("--overwrite", action="store_true", default=None, help="replace a previous build in --output")
     return parser
 

@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "build": ("pipeline.build", "images -> captions -> conditions -> WebDataset shards", "build_parser", "run_from_args"),
     "preview": ("pipeline.preview", "draw a contact sheet of a build", "add_arguments", "run_from_args"),
+    "report": ("pipeline.report", "write OUT/report.html: counts, rejections, timings, histograms, a sample grid",
+               "add_arguments", "run_from_args"),
     "verify": ("pipeline.verify", "check every shard of a build against its manifest", "add_arguments", "run_from_args"),
     "publish": ("pipeline.publish", "export a build as a Hugging Face dataset (folder or Hub)", "add_arguments",
                 "run_from_args"),

@@ -58,6 +58,7 @@ class BuildConfig(BaseModel):
     executor: Literal["ray", "local"] = "ray"
     ray_address: str | None = None
     preview: int = Field(16, ge=0, description="samples drawn into OUT/preview.png at the end; 0 = none")
+    report_samples: int = Field(1000, ge=0, description="samples in the grid of OUT/report.html; 0 = no report")
     overwrite: bool = False
 
     @field_validator("conditions", mode="before")

@@ -133,7 +133,25 @@ def rejected_by_reason(out: Output) -> Counter[str]:
     return reasons
 
 
-def dataset_card(info: dict[str, Any], main: str, license: str, rejected: Counter[str], has_preview: bool) -> str:
+def caption_sources(out: Output, manifest: dict[str, Any]) -> Counter[str]:
+    """Where the captions came from, counted over the samples (from the per-shard stats)."""
+    found: Counter[str] = Counter()
+    for entry in manifest["shards"]:
+        found.update(writer.load_stats(out, Path(entry["name"]).stem).get("caption_sources", []))
+    return found
+
+
+def _table(header: tuple[str, str], rows: list[tuple[Any, Any]], empty: str) -> list[str]:
+    """A markdown table, or a sentence where it would have no rows."""
+    if not rows:
+        return [empty, ""]
+    return [f"| {header[0]} | {header[1]} |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows), ""]
+
+
+def dataset_card(info: dict[str, Any], main: str, license: str, rejected: Counter[str], has_preview: bool,
+                 captions: Counter[str] | None = None) -> str:
+    """The README.md of the export: every figure comes from the manifest, the shards' stats
+    and the export itself, and agrees with them."""
     manifest, conditions = info["manifest"], info["conditions"]
     configs = []
     for cond in conditions:
@@ -147,6 +165,21 @@ def dataset_card(info: dict[str, Any], main: str, license: str, rejected: Counte
     meta = {"license": license, "task_categories": ["text-to-image"], "tags": ["controlnet", "controlforge", *conditions],
             "size_categories": [_size_category(total)], "configs": configs}
     cfg = manifest["config"]
+    captions = captions or Counter()
+    if captions:
+        caption_lines = [f"- {source}: {n} samples" for source, n in captions.most_common()]
+    else:
+        caption_lines = [f"- not recorded per sample by this build; its config: caption model `{cfg['caption_model']}`"
+                         + (", captions that came with the input kept" if cfg.get("keep_captions") else "")]
+    condition_lines = []
+    for name in conditions:
+        a = info["annotators"].get(name)
+        settings = cfg.get("annotator_params", {}).get(name, {})
+        condition_lines.append(
+            f"- `{name}`: " + (f"{a.get('annotator')} v{a.get('version')}, parameters recorded with the first sample "
+                               f"`{json.dumps(a.get('params', {}), sort_keys=True)}`" if a else "annotator not recorded")
+            + (f"; settings given to the build `{json.dumps(settings, sort_keys=True)}`" if settings else
+               "; default settings"))
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
         "# ControlNet training set", "",
@@ -155,16 +188,15 @@ def dataset_card(info: dict[str, Any], main: str, license: str, rejected: Counte
         "`conditioning_image` (that config's condition) and `text`, plus one image column per other condition and "
         "the metadata fields.", "",
         *(["![preview](preview.png)", ""] if has_preview else []),
-        "## Counts", "", "| split | samples |", "| --- | --- |",
-        *(f"| {split} | {n} |" for split, n in sorted(info["counts"].items())), "",
-        f"Inputs: {manifest.get('inputs')}; rejected: {sum(rejected.values())}.", "",
-        "| rejected because | inputs |", "| --- | --- |",
-        *(f"| {reason} | {n} |" for reason, n in sorted(rejected.items())), "",
+        "## Counts", "",
+        *_table(("split", "samples"), sorted(info["counts"].items()), "No samples were exported."),
+        f"Inputs: {manifest.get('inputs')}; samples: {manifest.get('samples', total)}; rejected: {sum(rejected.values())}.",
+        "",
+        *_table(("rejected because", "inputs"), sorted(rejected.items()), "No input was rejected."),
+        "## Captions", "", *caption_lines, "",
+        "## Conditions", "", *condition_lines, "",
         "## How it was built", "",
         f"- resolution {cfg['resolution']}, resize mode {cfg['resize_mode']}, seed {cfg['seed']}",
-        f"- captions: {cfg['caption_model']}" + (" (captions that came with the input kept)" if cfg.get("keep_captions") else ""),
-        *(f"- `{name}`: {a.get('annotator')} v{a.get('version')}, parameters of the first sample: "
-          f"`{json.dumps(a.get('params', {}), sort_keys=True)}`" for name, a in info["annotators"].items()),
         f"- package versions: {', '.join(f'{k} {v}' for k, v in manifest.get('versions', {}).items())}", "",
         "Build config:", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "",
     ]
@@ -196,7 +228,12 @@ def publish(build: str, to: str | None = None, repo_id: str | None = None, condi
     has_preview = out.exists("preview.png")
     if has_preview:
         (target / "preview.png").write_bytes(out.read_bytes("preview.png"))
-    card = dataset_card(info, main, license, rejected_by_reason(out), has_preview)
+    total = sum(info["counts"].values())
+    if "samples" in info["manifest"] and info["manifest"]["samples"] != total:
+        raise PublishError(f"{out.url}: the shards hold {total} samples but manifest.json says "
+                           f"{info['manifest']['samples']}: run `controlforge verify {build}`")
+    card = dataset_card(info, main, license, rejected_by_reason(out), has_preview,
+                        caption_sources(out, info["manifest"]))
     (target / "README.md").write_text(card)
     log(f"wrote {sum(info['counts'].values())} samples x {len(info['conditions'])} configs and README.md")
     if repo_id:

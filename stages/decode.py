@@ -136,3 +136,11 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def coverage(condition: np.ndarray) -> float:
+    """The share of pixels where the map is not zero (any channel)."""
+    nonzero = condition != 0
+    if nonzero.ndim == 3:
+        nonzero = nonzero.any(axis=-1)
+    return round(float(nonzero.mean()), 5)

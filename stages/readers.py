@@ -33,6 +33,8 @@ class InputRef:
     kind: str  # "file" | "tar" | "hf"
     caption: str | None = None
     location: dict[str, Any] = field(default_factory=dict)
+    #: where a caption that comes with this input is found (said in reports and dataset cards)
+    caption_origin: str = ""
 
 
 @dataclass
@@ -78,7 +80,8 @@ def _list_files(fs: fsspec.AbstractFileSystem, paths: Iterable[str]) -> list[Inp
     refs = []
     for path in paths:
         if _has_image_ext(path):
-            refs.append(InputRef(_unstrip(fs, path), "file", _sidecar_caption(fs, path, existing)))
+            refs.append(InputRef(_unstrip(fs, path), "file", _sidecar_caption(fs, path, existing),
+                                caption_origin="sidecar .txt files"))
     return refs
 
 
@@ -108,7 +111,8 @@ def list_url_table(spec: str, url_column: str = "url", caption_column: str = "ca
                 if not line.strip() or line.lstrip().startswith("#"):
                     continue
                 url, _, caption = line.partition("\t")
-                refs.append(InputRef(url.strip(), "file", caption.strip() or None))
+                refs.append(InputRef(url.strip(), "file", caption.strip() or None,
+                                    caption_origin="the URL list's TAB-separated captions"))
         return refs
     import pyarrow.csv
     import pyarrow.json
@@ -125,7 +129,9 @@ def list_url_table(spec: str, url_column: str = "url", caption_column: str = "ca
         raise InputError(f"{spec}: no column {url_column!r} (columns: {table.column_names}); set url_column")
     urls = table.column(url_column).to_pylist()
     captions = table.column(caption_column).to_pylist() if caption_column in table.column_names else [None] * len(urls)
-    return [InputRef(str(u), "file", (str(c).strip() or None) if c is not None else None) for u, c in zip(urls, captions) if u]
+    origin = f"the URL list's {caption_column!r} column"
+    return [InputRef(str(u), "file", (str(c).strip() or None) if c is not None else None, caption_origin=origin)
+            for u, c in zip(urls, captions) if u]
 
 
 def list_tar(spec: str) -> list[InputRef]:
@@ -153,7 +159,8 @@ def list_tar(spec: str) -> list[InputRef]:
         image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
         if image_ext is None:
             continue
-        refs.append(InputRef(f"{url}#{key}", "tar", None, {"tar": url, "image": image_ext, "members": members}))
+        refs.append(InputRef(f"{url}#{key}", "tar", None, {"tar": url, "image": image_ext, "members": members},
+                            caption_origin="the input shards' .txt members (img2dataset or WebDataset)"))
     return refs
 
 
@@ -166,7 +173,8 @@ def _is_hf_dataset_dir(spec: str) -> bool:
 def list_hf(spec: str) -> list[InputRef]:
     dataset = _load_hf(spec)
     width = len(str(len(dataset)))
-    return [InputRef(f"{spec}[{i:0{width}d}]", "hf", None, {"dataset": spec, "index": i}) for i in range(len(dataset))]
+    return [InputRef(f"{spec}[{i:0{width}d}]", "hf", None, {"dataset": spec, "index": i},
+                     caption_origin="the Hugging Face dataset's caption column") for i in range(len(dataset))]
 
 
 @functools.lru_cache(maxsize=8)

@@ -25,9 +25,12 @@ class Sample:
     orig_height: int
     caption: str | None = None
     caption_model: str | None = None  # model name, "input" when it came with the input, "none"
+    caption_origin: str = ""  # with "input": where the caption was found (InputRef.caption_origin)
     meta: dict[str, Any] = field(default_factory=dict)  # fields the input already had
     conditions: dict[str, bytes] = field(default_factory=dict)
     condition_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: share of each condition map's pixels that are not zero (for reports and quality gates)
+    coverage: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

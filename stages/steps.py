@@ -17,7 +17,7 @@ import numpy as np
 
 from . import annotators as annotator_registry
 from .captioner import BlipCaptioner, CaptionModelError
-from .decode import Rejected, ResizeSpec, decode_and_resize, decode_rgb, encode_jpeg, encode_png
+from .decode import Rejected, ResizeSpec, coverage, decode_and_resize, decode_rgb, encode_jpeg, encode_png
 from .readers import fetch
 from .output import Output
 from .shard import Sample, ShardWork
@@ -88,7 +88,7 @@ class ReadDecode(Step):
             height, width = decoded.image.shape[:2]
             sample = Sample(key, ref.source, sha, jpg, width, height, decoded.orig_width, decoded.orig_height,
                             meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")})
-            self._caption_from_input(sample, got.caption)
+            self._caption_from_input(sample, got.caption, ref.caption_origin)
             if decoded.untouched:  # the stored image is the input's: its conditions still match it
                 infos = got.meta.get("conditions") or {}
                 for name, png in got.conditions.items():
@@ -98,10 +98,10 @@ class ReadDecode(Step):
                 work.samples.append(sample)
         return work
 
-    def _caption_from_input(self, sample: Sample, caption: str | None) -> None:
+    def _caption_from_input(self, sample: Sample, caption: str | None, origin: str = "") -> None:
         cfg = self.cfg
         if caption is not None and (cfg.keep_captions or not cfg.captioning):
-            sample.caption, sample.caption_model = caption, "input"
+            sample.caption, sample.caption_model, sample.caption_origin = caption, "input", origin
         elif not cfg.captioning:
             sample.caption, sample.caption_model = "", "none"
         else:
@@ -222,6 +222,7 @@ class Annotate(Step):
             work.counters[f"{name}:empty"] = work.counters.get(f"{name}:empty", 0) + 1
         sample.conditions[name] = png
         sample.condition_info[name] = annotator.describe({**used, "seed": seed})
+        sample.coverage[name] = coverage(condition)
         return True
 
 

@@ -97,10 +97,41 @@ def write_shard(out: Output, work: ShardWork, build_seed: int, conditions: list[
         "counters": dict(sorted(work.counters.items())),
         "keys": [s.key for s in samples],
         "sources": [s.source for s in samples],
+        # per sample, in key order like keys/sources: what reports and dataset cards summarise
+        "caption_sources": [caption_source(s) for s in samples],
+        "caption_words": [len((s.caption or "").split()) for s in samples],
+        "coverage": {name: [_coverage(s, name) for s in samples] for name in sorted(conditions, key=condition_sort_key)},
         "errors": work.errors,
     }
     write_json(out, f"{SHARDS_DIR}/{work.name}_stats.json", stats)
     return stats
+
+
+def _coverage(sample: Sample, name: str) -> float | None:
+    """Measured by the annotate step; a condition that came with the input is decoded here."""
+    if name in sample.coverage:
+        return sample.coverage[name]
+    if name not in sample.conditions:
+        return None
+    import cv2
+    import numpy as np
+
+    from .decode import coverage
+
+    return coverage(cv2.imdecode(np.frombuffer(sample.conditions[name], np.uint8), cv2.IMREAD_UNCHANGED))
+
+
+#: stats lists with one entry per kept sample, in key order
+PER_SAMPLE_FIELDS = ("keys", "sources", "caption_sources", "caption_words")
+
+
+def caption_source(sample: Sample) -> str:
+    """Where a sample's caption came from, in words: 'BLIP <model>', 'input: <where>', 'none'."""
+    if sample.caption_model == "input":
+        return f"input: {sample.caption_origin}" if sample.caption_origin else "input"
+    if not sample.caption_model or sample.caption_model == "none" or not sample.caption:
+        return "none"
+    return f"BLIP {sample.caption_model}"
 
 
 # ------------------------------------------------------------ output index ---
@@ -161,8 +192,10 @@ def drop_cross_shard_duplicates(out: Output, all_stats: list[dict[str, Any]], bu
             stats["errors"].append({"source": source, "stage": "dedup", "error": "duplicate",
                                     "message": f"same image (key {key}) as {kept} in shard {shard}", "shard": stats["shard"]})
         keep = [i for i, k in enumerate(stats["keys"]) if k not in drop]
-        stats["keys"] = [stats["keys"][i] for i in keep]
-        stats["sources"] = [stats["sources"][i] for i in keep]
+        for field in PER_SAMPLE_FIELDS:
+            if field in stats:
+                stats[field] = [stats[field][i] for i in keep]
+        stats["coverage"] = {name: [values[i] for i in keep] for name, values in stats.get("coverage", {}).items()}
         stats.update(samples=len(keep), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
                      rejected=dict(sorted(Counter(e["error"] for e in stats["errors"]).items())))
         out.write_atomic(tar_name, data)

@@ -73,3 +73,31 @@ def test_a_folder_from_another_run_or_with_other_files_is_refused(smoke, tmp_pat
     foreign = reproduce("--smoke", "--base", str(sd), "--output", str(tmp_path))
     assert foreign.returncode == 2 and "holds no reproduce run" in foreign.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"], "nothing written into it"
+
+
+def test_sigterm_stops_the_worker_processes_too(smoke, tmp_path):
+    """A stopped reproduction leaves no worker training on into its folder."""
+    import signal
+    import time
+
+    import psutil
+
+    _, sd, _ = smoke
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "reproduce.py"), "--smoke", "--base", str(sd),
+                             "--output", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        workers: list = []
+        while time.time() < deadline and len(workers) < 2:  # the job pool: spawned workers besides the tracker
+            workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.5)
+        assert len(workers) >= 2, "the run never started its worker processes"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers outlived the run: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
