@@ -64,7 +64,8 @@ def _check_resumable(manifest: dict[str, Any], cfg: BuildConfig, refs: list[Inpu
 
 def _clear_output(out: Output) -> None:
     """--overwrite removes only what a build writes, never other files in the folder."""
-    for name in (writer.SHARDS_DIR, "manifest.json", "errors.jsonl", "wids-index.json", "preview.png"):
+    for name in (writer.SHARDS_DIR, "manifest.json", "errors.jsonl", "wids-index.json", "preview.png", "report.html",
+                 "report"):
         out.remove(name)
 
 
@@ -198,6 +199,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--max-aspect", type=float, help="reject images with long/short side above this (default 3.0)")
     add("--max-pixels", type=int, help="decompression-bomb limit in pixels (default 100M)")
     add("--samples-per-shard", type=int, help="inputs per shard (default 1000)")
+    add("--fetch-timeout", type=float, help="seconds to connect to a URL and without a byte while reading (default 10)")
+    add("--fetch-retries", type=int, help="further tries after timeouts, resets, HTTP 408/429/5xx (default 2)")
+    add("--user-agent", help="User-Agent of URL fetches (default names controlforge)")
+    add("--respect-opt-out", action="store_true", default=None,
+        help="skip images served with X-Robots-Tag noai/noimageai (counted as opted_out)")
     add("--caption-model", help="BLIP hub id or local folder (default Salesforce/blip-image-captioning-base); 'none' skips")
     add("--keep-captions", action="store_true", default=None, help="use captions that come with the input; BLIP only for the rest")
     add("--caption-prompt", help="text BLIP continues, e.g. 'a photography of'")

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.config import ConfigError, load_config as load_typed_config
+from stages.http_fetch import USER_AGENT
 
 __all__ = ["BuildConfig", "ConfigError", "load_config"]
 
@@ -38,6 +39,11 @@ class BuildConfig(BaseModel):
     max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb limit, checked before decoding")
     jpeg_quality: int = Field(95, ge=1, le=100)
     samples_per_shard: int = Field(1000, ge=1)
+
+    fetch_timeout: float = Field(10.0, gt=0, description="seconds to connect to a URL, and without a byte while reading")
+    fetch_retries: int = Field(2, ge=0, description="further tries after a timeout, a reset or HTTP 408/429/5xx")
+    user_agent: str = Field(USER_AGENT, description="the User-Agent header of URL fetches")
+    respect_opt_out: bool = Field(False, description="skip images served with X-Robots-Tag noai / noimageai")
 
     caption_model: str = DEFAULT_CAPTION_MODEL
     keep_captions: bool = False

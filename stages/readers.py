@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 import fsspec
 
+from .http_fetch import HttpOptions, http_get
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_EXTS = (".txt", ".csv", ".parquet", ".jsonl")
 TAR_EXTS = (".tar",)
@@ -246,8 +248,12 @@ def _read_range(url: str, offset: int, size: int) -> bytes:
         return handle.read(size)
 
 
-def fetch(ref: InputRef, image_column: str = "image", caption_column: str = "caption") -> Fetched:
-    """The bytes of one input and whatever it already carries; raises on any failure."""
+def fetch(ref: InputRef, image_column: str = "image", caption_column: str = "caption",
+          http: HttpOptions | None = None) -> Fetched:
+    """The bytes of one input and whatever it already carries; raises on any failure
+    (FetchError with a reason for HTTP(S) URLs)."""
+    if ref.kind == "file" and ref.source.lower().startswith(("http://", "https://")):
+        return Fetched(http_get(ref.source, http or HttpOptions()), ref.caption, {}, {})
     if ref.kind == "file":
         with fsspec.open(ref.source, "rb") as handle:
             return Fetched(handle.read(), ref.caption, {}, {})

@@ -18,6 +18,7 @@ import numpy as np
 from . import annotators as annotator_registry
 from .captioner import BlipCaptioner, CaptionModelError
 from .decode import Rejected, ResizeSpec, coverage, decode_and_resize, decode_rgb, encode_jpeg, encode_png
+from .http_fetch import FetchError, HttpOptions
 from .readers import fetch
 from .output import Output
 from .shard import Sample, ShardWork
@@ -57,6 +58,8 @@ class ReadDecode(Step):
         self.cfg = cfg
         self.spec = ResizeSpec(cfg.resolution, cfg.resize_mode, cfg.min_size, cfg.max_aspect, cfg.max_pixels)
         self.inline = inline  # CPU annotators, run on each image while it is decoded
+        self.http = HttpOptions(timeout=cfg.fetch_timeout, retries=cfg.fetch_retries, user_agent=cfg.user_agent,
+                                respect_opt_out=cfg.respect_opt_out)
 
     def __call__(self, work: ShardWork) -> ShardWork:
         cfg = self.cfg
@@ -64,7 +67,10 @@ class ReadDecode(Step):
         for ref in work.inputs:
             with timed(work, "read"):
                 try:
-                    got = fetch(ref, cfg.image_column, cfg.caption_column)
+                    got = fetch(ref, cfg.image_column, cfg.caption_column, self.http)
+                except FetchError as exc:  # timeout, http_error (with the status), opted_out, ...
+                    work.reject(ref.source, "read", exc.reason, str(exc))
+                    continue
                 except Exception as exc:
                     work.reject(ref.source, "read", "read_error", _error_text(exc))
                     continue

@@ -1,0 +1,105 @@
+"""Fetching one image over HTTP(S) the way a crawler must: connect and read timeouts, a
+deadline for the whole body (a server that trickles bytes cannot hold a worker), retries
+with backoff for transient failures only, a user agent naming the tool, and optionally
+the `X-Robots-Tag: noai` / `noimageai` opt-out that img2dataset honours.
+
+Failures raise FetchError with a reason name the build records in errors.jsonl and the
+shard stats: `timeout`, `http_error` (with the status), `connection_error`, `too_large`,
+`opted_out`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+USER_AGENT = "controlforge/0.1 (ControlNet training-set builder; +https://github.com/controlforge/controlforge)"
+TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+OPT_OUT_TOKENS = ("noai", "noimageai")
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    timeout: float = 10.0  # seconds to connect, and seconds without a byte while reading
+    retries: int = 2  # further tries after a transient failure
+    backoff: float = 0.5  # seconds before the first retry, doubled each time
+    user_agent: str = USER_AGENT
+    respect_opt_out: bool = False  # skip responses with X-Robots-Tag noai / noimageai
+    max_bytes: int = 100 * 1024 * 1024
+
+    @property
+    def deadline(self) -> float:
+        """The longest one try may take, body included."""
+        return 6 * self.timeout
+
+
+class FetchError(IOError):
+    def __init__(self, reason: str, message: str, transient: bool = False):
+        super().__init__(message)
+        self.reason, self.transient = reason, transient
+
+
+_local = threading.local()
+
+
+def _session():
+    """One connection pool per worker thread (requests sessions are not thread-safe)."""
+    import requests
+
+    if getattr(_local, "session", None) is None:
+        _local.session = requests.Session()
+    return _local.session
+
+
+def opted_out(headers) -> bool:
+    """X-Robots-Tag carries noai or noimageai (alone, in a list, or after a bot name)."""
+    tokens = set(re.split(r"[\s,:]+", (headers.get("X-Robots-Tag", "") if headers else "").lower()))
+    return any(token in tokens for token in OPT_OUT_TOKENS)
+
+
+def _get_once(url: str, options: HttpOptions) -> bytes:
+    import requests
+
+    started = time.monotonic()
+    try:
+        response = _session().get(url, timeout=(options.timeout, options.timeout), stream=True,
+                                  headers={"User-Agent": options.user_agent})
+    except requests.exceptions.Timeout as exc:
+        raise FetchError("timeout", f"no answer within {options.timeout:g} s ({type(exc).__name__})", True) from None
+    except requests.exceptions.RequestException as exc:
+        raise FetchError("connection_error", f"{type(exc).__name__}: {exc}", True) from None
+    with response:
+        if response.status_code >= 400:
+            raise FetchError("http_error", f"HTTP {response.status_code} {response.reason or ''}".strip(),
+                             response.status_code in TRANSIENT_STATUS)
+        if options.respect_opt_out and opted_out(response.headers):
+            raise FetchError("opted_out", f"X-Robots-Tag: {response.headers.get('X-Robots-Tag')}")
+        chunks, size = [], 0
+        try:
+            for chunk in response.iter_content(64 * 1024):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > options.max_bytes:
+                    raise FetchError("too_large", f"more than {options.max_bytes} bytes")
+                if time.monotonic() - started > options.deadline:
+                    raise FetchError("timeout", f"body not complete within {options.deadline:g} s", True)
+        except requests.exceptions.RequestException as exc:  # read timeouts and resets mid-body
+            reason = "timeout" if "timed out" in str(exc).lower() else "connection_error"
+            raise FetchError(reason, f"while reading: {type(exc).__name__}", True) from None
+    return b"".join(chunks)
+
+
+def http_get(url: str, options: HttpOptions = HttpOptions(), sleep=time.sleep) -> bytes:
+    """The body of `url`; retries transient failures with exponential backoff."""
+    for attempt in range(options.retries + 1):
+        try:
+            return _get_once(url, options)
+        except FetchError as exc:
+            if not exc.transient or attempt == options.retries:
+                if attempt:
+                    exc.args = (f"{exc.args[0]} (after {attempt + 1} tries)",)
+                raise
+            sleep(options.backoff * 2 ** attempt)
+    raise AssertionError("unreachable")
