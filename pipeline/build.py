@@ -27,6 +27,7 @@ from stages.readers import InputError, InputRef, list_inputs  # noqa: E402
 from stages.shard import plan_shards  # noqa: E402
 from stages.steps import make_steps  # noqa: E402
 from stages import writer  # noqa: E402
+from stages.lock import BuildLock, LockedError  # noqa: E402
 from stages.output import Output  # noqa: E402
 
 VERSIONED = ("controlforge", "torch", "transformers", "diffusers", "controlnet-aux", "opencv-python-headless",
@@ -112,7 +113,11 @@ def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     started = time.perf_counter()
     annotators = create_annotators(cfg.conditions, cfg.annotator_params)  # unknown names fail here, not in a worker
     out = Output(cfg.output)
-    out.makedirs()
+    with BuildLock(out, cfg.lock_stale_seconds, log):  # one build per folder; --overwrite waits its turn too
+        return _build_locked(cfg, out, annotators, started, log)
+
+
+def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: float, log) -> dict[str, Any]:
     if cfg.overwrite:
         _clear_output(out)
     writer.remove_stale_temporaries(out)
@@ -218,6 +223,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--ray-address", help="Ray cluster to join (default RAY_ADDRESS, else an embedded local cluster)")
     add("--preview", type=int, help="samples drawn into OUT/preview.png (default 16, 0 = none)")
     add("--report-samples", type=int, help="samples in the grid of OUT/report.html (default 1000, 0 = no report)")
+    add("--lock-stale-seconds", type=float, help="a lock held from another host with no heartbeat for this long "
+        "is taken over (default 3600)")
     add("--overwrite", action="store_true", default=None, help="replace a previous build in --output")
     return parser
 
@@ -238,7 +245,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not cfg.input:
             raise ConfigError("no input: pass --input or set `input:` in --config")
         run_build(cfg)
-    except (ConfigError, BuildError, InputError, AnnotatorError, CaptionModelError, MissingWeightsError) as exc:
+    except (ConfigError, BuildError, InputError, AnnotatorError, CaptionModelError, MissingWeightsError,
+            LockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -65,6 +65,8 @@ class BuildConfig(BaseModel):
     ray_address: str | None = None
     preview: int = Field(16, ge=0, description="samples drawn into OUT/preview.png at the end; 0 = none")
     report_samples: int = Field(1000, ge=0, description="samples in the grid of OUT/report.html; 0 = no report")
+    lock_stale_seconds: float = Field(3600.0, gt=0, description="take over a lock from another host after this "
+                                      "long without a heartbeat (same host: when its pid is dead)")
     overwrite: bool = False
 
     @field_validator("conditions", mode="before")
