@@ -133,7 +133,10 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
         manifest = {"schema_version": writer.SCHEMA_VERSION, "config": cfg.model_dump(mode="json"),
                     "versions": package_versions(), "inputs": len(refs), "listing_sha256": listing_digest(refs),
                     "complete": False, "shards": []}
-    done = {e["name"] for e in manifest["shards"]}
+        writer.save_manifest(out, manifest)  # the config, for resume checks; shards are listed at the end
+    # finished shards: their completion markers (and, for builds made before markers, the manifest)
+    done = {f"{writer.SHARDS_DIR}/{name}.tar" for name in writer.completed_shards(out)}
+    done |= {e["name"] for e in manifest["shards"]}
     todo = [w for w in works if f"{writer.SHARDS_DIR}/{w.name}.tar" not in done]
     log(f"controlforge build: {len(refs)} inputs -> {len(works)} shards of up to {cfg.samples_per_shard} "
         f"({len(works) - len(todo)} already done) into {Path(out.url).resolve() if out.local else out.url}")
@@ -150,21 +153,15 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     results = run_local(steps, todo) if cfg.executor == "local" else run_ray(steps, todo, cfg.num_cpus, caption_actors)
 
     new_stats = []
-    for stats in results:
+    for stats in results:  # each shard has written its own completion marker: O(1) here
         new_stats.append(stats)
-        manifest["shards"] = sorted(manifest["shards"] + [writer.manifest_entry(stats)], key=lambda e: e["name"])
-        writer.save_manifest(out, manifest)
         rejected = sum(stats["rejected"].values())
         log(f"  shard {stats['shard']}: {stats['samples']} samples, {rejected} rejected "
-            f"[{len(manifest['shards'])}/{len(works)}]")
-    if not todo:
-        writer.save_manifest(out, manifest)
+            f"[{len(done) + len(new_stats)}/{len(works)}]")
 
     all_stats = [writer.load_stats(out, w.name) for w in works]
-    changed = {s["shard"]: s for s in writer.drop_cross_shard_duplicates(out, all_stats, cfg.seed)}
-    for i, entry in enumerate(manifest["shards"]):
-        if Path(entry["name"]).stem in changed:
-            manifest["shards"][i] = writer.manifest_entry(changed[Path(entry["name"]).stem])
+    writer.drop_cross_shard_duplicates(out, all_stats, cfg.seed)  # updates the stats it changes in place
+    manifest["shards"] = [writer.manifest_entry(s) for s in sorted(all_stats, key=lambda s: s["shard"])]
     manifest["samples"] = sum(e["samples"] for e in manifest["shards"])
     manifest["rejected"] = sum(len(s["errors"]) for s in all_stats)
     manifest["complete"] = True

@@ -96,6 +96,8 @@ def verify(out: str, repair: bool = False, log=print) -> int:
     if manifest is None:
         log(f"{out}: no manifest.json: not a controlforge build")
         return 1
+    if not manifest.get("complete"):  # a build still running or stopped: its shards are in the markers
+        manifest = writer.consolidate(output, manifest)
     reports, seen, failures = [], {}, 0
     for entry in manifest["shards"]:
         if not output.exists(entry["name"]):
@@ -129,9 +131,11 @@ def _repair(output: Output, manifest: dict[str, Any], reports: list[ShardReport]
             kept.append({**entry, "samples": len(report.keys), "bytes": report.size, "sha256": report.sha256})
     manifest["shards"] = kept
     manifest["complete"] = False
-    for report in broken:
-        if output.exists(report.name):
-            output.move(report.name, report.name + ".broken")
+    for report in broken:  # the tar and its completion marker, so the build redoes the shard
+        marker = report.name[: -len(".tar")] + writer.STATS_SUFFIX
+        for name in (report.name, marker):
+            if output.exists(name):
+                output.move(name, name + ".broken")
     writer.save_manifest(output, manifest)
     log(f"repaired the manifest; {len(broken)} shard(s) to rebuild (moved aside as *.broken): "
         + ", ".join(r.name for r in broken))

@@ -31,10 +31,17 @@ class Output:
     def makedirs(self, rel: str = "") -> None:
         self.fs.makedirs(self.path(rel), exist_ok=True)
 
+    def refresh(self) -> None:
+        """Forget cached listings (s3fs keeps them): another process may have written since."""
+        if not self.local:
+            self.fs.invalidate_cache()
+
     def exists(self, rel: str) -> bool:
+        self.refresh()
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
+        self.refresh()
         return self.fs.cat_file(self.path(rel))
 
     def read_text(self, rel: str) -> str:
@@ -56,6 +63,7 @@ class Output:
     def glob(self, pattern: str) -> Iterator[str]:
         """Relative names matching pattern (relative to the root)."""
         prefix = len(self.root) + 1
+        self.refresh()
         for found in self.fs.glob(self.path(pattern)):
             yield found[prefix:] if found.startswith(self.root) else found
 

@@ -154,6 +154,26 @@ def load_stats(out: Output, shard: str) -> dict[str, Any]:
     return json.loads(out.read_text(f"{SHARDS_DIR}/{shard}_stats.json"))
 
 
+STATS_SUFFIX = "_stats.json"
+
+
+def completed_shards(out: Output) -> set[str]:
+    """Names of the shards whose completion marker (NAME_stats.json, written after the tar
+    is in place) exists: one fresh listing of shards/, however many shards."""
+    listed = set(out.glob(f"{SHARDS_DIR}/*"))
+    return {name[len(SHARDS_DIR) + 1:-len(STATS_SUFFIX)] for name in listed
+            if name.endswith(STATS_SUFFIX) and name[:-len(STATS_SUFFIX)] + ".tar" in listed}
+
+
+def consolidate(out: Output, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's shard list from the completion markers (on demand: verify, the end
+    of a build); entries the manifest already has for other shards are kept."""
+    entries = {e["name"]: e for e in manifest.get("shards", [])}
+    for name in completed_shards(out):
+        entries[f"{SHARDS_DIR}/{name}.tar"] = manifest_entry(load_stats(out, name))
+    return {**manifest, "shards": [entries[k] for k in sorted(entries)]}
+
+
 def write_wids_index(out: Output, manifest: dict[str, Any]) -> None:
     write_json(out, "wids-index.json", {
         "__kind__": "wids-shard-index-v1",

@@ -261,14 +261,15 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        manifest = out / "manifest.json"
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3:
+        if len(list(out.glob("shards/*_stats.json"))) >= 3:
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = json.loads((out / "manifest.json").read_text())
-    assert 3 <= len(partial["shards"]) < 20 and not partial["complete"], "killed mid-build"
+    markers = sorted(out.glob("shards/*_stats.json"))
+    assert 3 <= len(markers) < 20 and not partial["complete"], "killed mid-build"
+    assert partial["shards"] == [], "shards are listed by their own completion markers until the end"
 
     logs = []
     run_build(BuildConfig(**{**json.loads((reference / "manifest.json").read_text())["config"],
@@ -355,3 +356,17 @@ def test_readme_example_command(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "pipeline.cli", "build", "--help"], cwd=REPO,
                                capture_output=True, text=True).stdout
     assert "--conditions" in help_text and "--keep-captions" in help_text
+
+
+def test_the_manifest_is_written_a_constant_number_of_times_however_many_shards(tmp_path, monkeypatch):
+    """Each shard records its own completion; the manifest is consolidated once at the end."""
+    from stages import writer
+
+    saves = []
+    original = writer.save_manifest
+    monkeypatch.setattr(writer, "save_manifest", lambda out, m: (saves.append(len(m["shards"])), original(out, m)))
+    write_synthetic(tmp_path / "in", 12)
+    assert main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--executor", "local",
+                 "--caption-model", "none", "--min-size", "64", "--resolution", "64", "--samples-per-shard", "1",
+                 "--preview", "0", "--report-samples", "0"]) == 0
+    assert saves == [0, 12], "once at the start (config), once at the end (12 shards)"

@@ -122,3 +122,14 @@ def test_builds_to_fsspec_urls_pass_verify(tmp_path):
     fs = fsspec.filesystem("memory")
     assert not [p for p in fs.find("/cf-test") if ".tmp-" in p], "no temporaries left in the object store"
     assert fs.exists("/cf-test/build/preview.png") and fs.exists("/cf-test/build/shards/00001_stats.json")
+
+
+def test_verify_reads_the_completion_markers_of_an_unfinished_build(good_build):
+    manifest_path = good_build / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "shards": [], "complete": False}))  # as if killed mid-build
+    code, text = run_verify(good_build)
+    assert code == 0 and "2 shards, 6 samples checked: all good" in text
+    (good_build / "shards" / "00001_stats.json").unlink()  # no marker: not finished, not checked
+    code, text = run_verify(good_build)
+    assert "1 shards, 3 samples checked" in text
