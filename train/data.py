@@ -17,13 +17,53 @@ import numpy as np
 import torch
 
 
+#: object stores webdataset cannot open itself; opened through fsspec (s3fs, gcsfs, adlfs)
+FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192):
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def register_object_stores() -> None:
+    """Let webdataset stream s3:// (and other object-store) shards through fsspec, so
+    endpoints and credentials come from the usual places (FSSPEC_S3_ENDPOINT_URL, AWS_*)."""
+    import importlib
+
+    gopen_module = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function by that name)
+
+    for scheme in FSSPEC_SCHEMES:
+        gopen_module.gopen_schemes.setdefault(scheme, _gopen_fsspec)  # webdataset's own handlers (gs: gsutil) stay
+
+
+def _remote_build_folder(spec: str) -> list[str] | None:
+    """The shards of a build folder on an object store (s3://bucket/build), or None."""
+    import fsspec
+
+    if "://" not in spec or spec.endswith(".tar") or "{" in spec or spec.startswith(("http://", "https://", "pipe:")):
+        return None
+    fs, path = fsspec.core.url_to_fs(spec)
+    fs.invalidate_cache()
+    found = sorted(fs.glob(f"{path.rstrip('/')}/shards/*.tar")) or sorted(fs.glob(f"{path.rstrip('/')}/*.tar"))
+    if not found:
+        raise FileNotFoundError(f"{spec}: no .tar shards in it or in its shards/ folder")
+    return [fs.unstrip_protocol(p) for p in found]
+
+
 def expand_shards(specs: list[str]) -> list[str]:
-    """Build folders, .tar files, brace patterns and URLs -> a list of shard URLs."""
+    """Build folders (local or on an object store), .tar files, brace patterns and URLs ->
+    a list of shard URLs."""
     import braceexpand
 
+    register_object_stores()
     urls: list[str] = []
     for spec in specs:
-        if os.path.isdir(spec):
+        remote = _remote_build_folder(spec)
+        if remote is not None:
+            urls += remote
+        elif os.path.isdir(spec):
             found = sorted(glob.glob(os.path.join(spec, "shards", "*.tar"))) or sorted(glob.glob(os.path.join(spec, "*.tar")))
             if not found:
                 raise FileNotFoundError(f"{spec}: no .tar shards in it or in its shards/ folder")
@@ -181,3 +221,6 @@ def _has_config(source: str, condition: str) -> bool:
         return condition in datasets.get_dataset_config_names(source)
     except Exception:
         return False
+
+
+register_object_stores()  # at import, so DataLoader worker processes (which import this module) have it too
