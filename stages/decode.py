@@ -40,6 +40,8 @@ class Decoded:
     orig_width: int
     orig_height: int
     untouched: bool  # the source already was an RGB JPEG of the target size: its bytes can be kept
+    crop_top: int = 0  # where the kept window starts in the resized image (SDXL conditions on it)
+    crop_left: int = 0
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -104,6 +106,17 @@ def resize(img: Image.Image, spec: ResizeSpec) -> np.ndarray:
     return arr
 
 
+def crop_offsets(width: int, height: int, spec: ResizeSpec) -> tuple[int, int]:
+    """(top, left) of the window `resize` keeps, in the resized image's pixels (0, 0 for pad)."""
+    if spec.mode == "pad":
+        return 0, 0
+    scale = spec.resolution / min(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    target_w, target_h = ((spec.resolution, spec.resolution) if spec.mode == "center_crop"
+                          else (new_w - new_w % 8, new_h - new_h % 8))
+    return (new_h - target_h) // 2, (new_w - target_w) // 2
+
+
 def decode_and_resize(data: bytes, spec: ResizeSpec) -> Decoded:
     img = open_image(data, spec.max_pixels)
     source_format = img.format
@@ -119,7 +132,7 @@ def decode_and_resize(data: bytes, spec: ResizeSpec) -> Decoded:
     untouched = source_format == "JPEG" and img.mode == "RGB" and not has_exif_rotation
     out = resize(to_rgb(img), spec)
     untouched = untouched and out.shape[:2] == (height, width)
-    return Decoded(out, width, height, untouched)
+    return Decoded(out, width, height, untouched, *crop_offsets(width, height, spec))
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

@@ -31,6 +31,8 @@ class Sample:
     condition_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: share of each condition map's pixels that are not zero (for reports and quality gates)
     coverage: dict[str, float] = field(default_factory=dict)
+    crop_top: int = 0  # the resize window's offset (SDXL's crop conditioning)
+    crop_left: int = 0
 
 
 @dataclass

@@ -93,7 +93,8 @@ class ReadDecode(Step):
             seen[key] = ref.source
             height, width = decoded.image.shape[:2]
             sample = Sample(key, ref.source, sha, jpg, width, height, decoded.orig_width, decoded.orig_height,
-                            meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")})
+                            meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")},
+                            crop_top=decoded.crop_top, crop_left=decoded.crop_left)
             self._caption_from_input(sample, got.caption, ref.caption_origin)
             if decoded.untouched:  # the stored image is the input's: its conditions still match it
                 infos = got.meta.get("conditions") or {}

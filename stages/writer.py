@@ -48,6 +48,8 @@ def sample_json(sample: Sample, build_seed: int) -> dict[str, Any]:
         "sha256": sample.sha256,
         "orig_width": sample.orig_width,
         "orig_height": sample.orig_height,
+        "crop_top": sample.crop_top,
+        "crop_left": sample.crop_left,
         "width": sample.width,
         "height": sample.height,
         "caption_model": sample.caption_model,

@@ -135,3 +135,41 @@ def make_tiny_clip(folder: str | Path) -> Path:
                               tokenizer=tokenizer)
     processor.save_pretrained(folder)
     return folder
+
+
+def make_tiny_sdxl(folder: str | Path) -> Path:
+    """An SDXL-shaped pipeline folder from tiny configs, random weights: UNet with the
+    text_time added embedding (addition_time_embed_dim 8; its projection input is 6 time
+    ids x 8 + the second encoder's 16-dim pooled projection), two CLIP text encoders (the
+    second with a projection), both with the real CLIP tokenizer, SD's 8x VAE."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tokenizer = make_tiny_clip_tokenizer(folder / "tokenizer")
+    tokenizer_2 = make_tiny_clip_tokenizer(folder / "tokenizer_2")
+
+    def text_config(**extra):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_attention_heads=4,
+                              num_hidden_layers=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **extra)
+
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+                                transformer_layers_per_block=1)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=64)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_config()),
+                              text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=16)),
+                              tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler
+                              ).save_pretrained(folder)
+    return folder

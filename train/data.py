@@ -127,15 +127,41 @@ class Augment:
             if member not in sample:
                 raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no {member}; "
                                f"set --condition to one the shards have")
-            image, cond = joint_crop_flip(_rgb(sample["jpg"]), _rgb(sample[member]), self.resolution, rng, self.flip)
+            image = _rgb(sample["jpg"])
+            size = recorded_size(sample.get("json"), image.shape[:2])
+            image, cond = joint_crop_flip(image, _rgb(sample[member]), self.resolution, rng, self.flip)
             pixels, cond = to_tensors(image, cond)
-            yield {"pixel_values": pixels, "conditioning_pixel_values": cond, "text": sample.get("txt", "")}
+            yield {"pixel_values": pixels, "conditioning_pixel_values": cond, "text": sample.get("txt", ""), **size}
+
+
+def recorded_size(meta: Any, shape: tuple[int, int]) -> dict[str, Any]:
+    """The source's original size and crop offset (SDXL conditions on them) from the
+    sample's json when the build recorded them, else the stored image's size and no crop;
+    `size_recorded` says which (the trainer says once when they were missing)."""
+    import json
+
+    if isinstance(meta, (bytes, str)):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    meta = meta if isinstance(meta, dict) else {}
+    height, width = meta.get("orig_height"), meta.get("orig_width")
+    recorded = bool(height and width) and "crop_top" in meta and "crop_left" in meta
+    return {"original_size": torch.tensor([int(height or shape[0]), int(width or shape[1])]),
+            "crop_top_left": torch.tensor([int(meta.get("crop_top", 0)), int(meta.get("crop_left", 0))]),
+            "size_recorded": recorded}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-            "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]),
-            "text": [s["text"] for s in samples]}
+    batch = {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+             "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]),
+             "text": [s["text"] for s in samples]}
+    if all("original_size" in s for s in samples):
+        batch["sizes"] = {"original_size": torch.stack([s["original_size"] for s in samples]),
+                          "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
+                          "recorded": all(s["size_recorded"] for s in samples)}
+    return batch
 
 
 class SkipBatches:

@@ -91,21 +91,24 @@ def contact_sheet(rows: list[tuple[Image.Image, Image.Image, str]], cell: int = 
 def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     from diffusers import ControlNetModel, DDIMScheduler
 
-    from .trainer import load_frozen, vae_scale_factor
+    from . import families
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    tokenizer, text_encoder, vae, unet, _ = load_frozen(args.pretrained_model, dtype)
-    unet, vae, text_encoder = unet.to(device, dtype), vae.to(device), text_encoder.to(device)
+    frozen = families.load(args.pretrained_model, dtype)
+    families.check_resolution(frozen, args.resolution)
+    unet, vae = frozen.unet.to(device, dtype), frozen.vae.to(device)
+    for encoder in frozen.text_encoders:
+        encoder.to(device)
     scheduler = DDIMScheduler.from_pretrained(args.pretrained_model, subfolder="scheduler")
     nets = [ControlNetModel.from_pretrained(p).to(device, dtype).eval() for p in args.controlnet or []]
     for path, net in zip(args.controlnet or [], nets):
-        factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
-        if factor != vae_scale_factor(vae):
-            raise ValueError(f"{path}: its condition encoder shrinks images by {factor}, but the base's VAE by "
-                             f"{vae_scale_factor(vae)}: this ControlNet was trained for another base model")
+        families.check_controlnet(frozen, net, path)
+
+    def encode(prompts: list[str]):
+        return frozen.family.conditioning(frozen, prompts, device, None, (args.resolution, args.resolution))
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     scales = args.scale or [1.0] * len(nets)
@@ -132,9 +135,9 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
         """One batch: each ControlNet gets its conditions stacked; each sample its own seed."""
         controls = [Control(net, torch.cat([_tensor(c[k], args.resolution) for c in conditions]).to(device, dtype), s)
                     for k, (net, s) in enumerate(zip(nets, scales))]
-        return sample(unet, vae, text_encoder, tokenizer, scheduler, controls, prompts, args.negative_prompt,
+        return sample(unet, vae, None, None, scheduler, controls, prompts, args.negative_prompt,
                       args.mode, args.steps, args.guidance_scale, args.resolution, args.resolution,
-                      [torch.Generator().manual_seed(seed) for seed in seeds])
+                      [torch.Generator().manual_seed(seed) for seed in seeds], encode=encode)
 
     planned = []  # prompts first (auto mode may draw a first pass per sample), then batches
     for index, (images, caption, name, condition_params) in enumerate(jobs):

@@ -18,7 +18,7 @@ With no ControlNet at all the sampler draws from the base model alone (for compa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -50,12 +50,13 @@ class Control:
     scale: float = 1.0
 
 
-def control_residuals(controls: Sequence[Control], latents, t, text) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+def control_residuals(controls: Sequence[Control], latents, t, text, added: dict | None = None
+                      ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
     """The paper's composition: the residuals of several ControlNets, summed (None, None without any)."""
     down_sum, mid_sum = None, None
     for control in controls:
         down, mid = control.model(latents, t, encoder_hidden_states=text, controlnet_cond=control.image,
-                                  conditioning_scale=control.scale, return_dict=False)
+                                  conditioning_scale=control.scale, added_cond_kwargs=added, return_dict=False)
         if down_sum is None:
             down_sum, mid_sum = list(down), mid
         else:
@@ -70,6 +71,10 @@ def weighted(down: list[torch.Tensor] | None, mid: torch.Tensor | None, mode: st
     sizes = [d.shape[-1] for d in down] + [mid.shape[-1]]
     weights = control_weights(mode, sizes)
     return [d * w for d, w in zip(down, weights[:-1])], mid * weights[-1], weights
+
+
+def _cast(added: dict | None, dtype: torch.dtype) -> dict | None:
+    return None if added is None else {k: v.to(dtype) for k, v in added.items()}
 
 
 @dataclass
@@ -88,11 +93,14 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], device) -> torch.Te
 def sample(unet, vae, text_encoder, tokenizer, scheduler, controls: Sequence[Control], prompts: list[str],
            negative_prompt: str = "", mode: str = "paper", steps: int = 20, guidance_scale: float = 9.0,
            height: int = 512, width: int = 512,
-           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SampleResult:
+           generator: torch.Generator | Sequence[torch.Generator] | None = None,
+           encode: Callable[[list[str]], tuple[torch.Tensor, dict | None]] | None = None) -> SampleResult:
     """DDIM + CFG; with `mode` deciding where the control goes and how it is weighted.
 
     `generator` may be one per prompt: each sample's starting noise then comes from its
-    own generator, so a sample is the same whether it is drawn alone or in a batch."""
+    own generator, so a sample is the same whether it is drawn alone or in a batch.
+    `encode` (prompts -> hidden states, added conditioning) replaces tokenizer and text
+    encoder for families with more than one encoder (SDXL: pooled embeddings, time ids)."""
     from PIL import Image
 
     from .trainer import vae_scale_factor
@@ -100,8 +108,13 @@ def sample(unet, vae, text_encoder, tokenizer, scheduler, controls: Sequence[Con
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     batch = len(prompts)
-    cond_text = encode_text(tokenizer, text_encoder, prompts, device).to(dtype)
-    uncond_text = encode_text(tokenizer, text_encoder, [negative_prompt] * batch, device).to(dtype)
+    if encode is None:
+        def encode(texts):
+            return encode_text(tokenizer, text_encoder, texts, device), None
+    cond_text, cond_added = encode(prompts)
+    uncond_text, uncond_added = encode([negative_prompt] * batch)
+    cond_text, uncond_text = cond_text.to(dtype), uncond_text.to(dtype)
+    cond_added, uncond_added = _cast(cond_added, dtype), _cast(uncond_added, dtype)
     factor = vae_scale_factor(vae)
     shape = (unet.config.in_channels, height // factor, width // factor)
     if isinstance(generator, (list, tuple)):
@@ -115,17 +128,19 @@ def sample(unet, vae, text_encoder, tokenizer, scheduler, controls: Sequence[Con
     weights: list[float] = []
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
-        down, mid = control_residuals(controls, x, t, cond_text) if mode != "uncond" else (None, None)
+        down, mid = control_residuals(controls, x, t, cond_text, cond_added) if mode != "uncond" else (None, None)
         down, mid, weights = weighted(down, mid, mode)
-        eps_cond = unet(x, t, encoder_hidden_states=cond_text, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid, return_dict=False)[0]
+        eps_cond = unet(x, t, encoder_hidden_states=cond_text, added_cond_kwargs=cond_added,
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
         if mode in ("both", "uncond"):
-            down_u, mid_u = control_residuals(controls, x, t, uncond_text)
-            eps_uncond = unet(x, t, encoder_hidden_states=uncond_text, down_block_additional_residuals=down_u,
-                              mid_block_additional_residual=mid_u, return_dict=False)[0]
+            down_u, mid_u = control_residuals(controls, x, t, uncond_text, uncond_added)
+            eps_uncond = unet(x, t, encoder_hidden_states=uncond_text, added_cond_kwargs=uncond_added,
+                              down_block_additional_residuals=down_u, mid_block_additional_residual=mid_u,
+                              return_dict=False)[0]
             weights = weights or [1.0] * (len(down_u) + 1 if down_u is not None else 0)
         else:  # the unconditional branch sees no control
-            eps_uncond = unet(x, t, encoder_hidden_states=uncond_text, return_dict=False)[0]
+            eps_uncond = unet(x, t, encoder_hidden_states=uncond_text, added_cond_kwargs=uncond_added,
+                              return_dict=False)[0]
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import families
 from .config import TrainConfig
 from .data import expand_shards, make_dataset, make_hf_dataset, make_loader
 
@@ -47,24 +48,17 @@ class PromptDropout:
 
 
 def load_frozen(pretrained: str, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """SD 1.x/2.x parts as a tuple (tokenizer, text encoder, VAE, UNet, noise scheduler);
+    other families: `families.load`."""
+    from . import families
 
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
-        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot load the base model {pretrained!r} ({type(exc).__name__}: {str(exc)[:200]}). "
-                         "Without hub access, download it elsewhere (`huggingface-cli download "
-                         "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir sd15`), copy the folder here and "
-                         "pass --pretrained-model ./sd15") from None
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-        module.eval()
-    return tokenizer, text_encoder.to(dtype), vae.to(dtype), unet, scheduler
+        frozen = families.load(pretrained, dtype)
+    except families.FamilyError as exc:
+        raise TrainError(str(exc)) from None
+    if len(frozen.text_encoders) != 1:
+        raise TrainError(f"{pretrained}: a {frozen.family.NAME} base; use train.families.load for it")
+    return frozen.tokenizers[0], frozen.text_encoders[0], frozen.vae, frozen.unet, frozen.scheduler
 
 
 def make_controlnet(unet, controlnet: str | None = None, vae_scale_factor: int = 8, init: str = "zero"):
@@ -114,12 +108,6 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
     return path
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids, return_dict=False)[0]
-
-
 def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`batches`: train on these, cycled, instead of streaming the shards (benchmarks
     compare the two)."""
@@ -141,8 +129,16 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         torch.backends.cudnn.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     urls = expand_shards(cfg.shards) if not cfg.dataset else []
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_frozen(cfg.pretrained_model, weight_dtype)
-    controlnet = make_controlnet(unet, cfg.controlnet, vae_scale_factor(vae), cfg.controlnet_init)
+    try:
+        frozen = families.load(cfg.pretrained_model, weight_dtype)
+        families.check_resolution(frozen, cfg.resolution)
+        controlnet = make_controlnet(frozen.unet, cfg.controlnet, frozen.vae_scale_factor, cfg.controlnet_init)
+        if cfg.controlnet:
+            families.check_controlnet(frozen, controlnet, cfg.controlnet)
+    except families.FamilyError as exc:
+        raise TrainError(str(exc)) from None
+    vae, unet, noise_scheduler = frozen.vae, frozen.unet, frozen.scheduler
+    log(f"base model: {frozen.family.NAME} ({cfg.pretrained_model})")
     controlnet.train()
     params = [{"params": list(controlnet.parameters()), "lr": cfg.learning_rate}]
     if cfg.unlock_decoder:  # the reference code's sd_locked=False: decoder trains too, at its own lr
@@ -170,7 +166,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         ema = EMAModel(accelerator.unwrap_model(controlnet).parameters(), decay=cfg.ema_decay)
         accelerator.register_for_checkpointing(ema)
     device = accelerator.device
-    for module in (text_encoder, vae) + (() if cfg.unlock_decoder else (unet,)):
+    for module in (*frozen.text_encoders, vae) + (() if cfg.unlock_decoder else (unet,)):
         module.to(device)
 
     global_step = 0
@@ -198,8 +194,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         if global_step >= cfg.max_train_steps:
             break
         with accelerator.accumulate(controlnet):
-            loss = _step(batch, cfg, vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, dropout,
-                         device, weight_dtype)
+            loss = _step(batch, cfg, frozen, unet, controlnet, dropout, device, weight_dtype, log)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
@@ -226,8 +221,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         if global_step % cfg.validation_steps == 0 and cfg.num_validation_images:
             stop = 0
             if validation is not None:
-                images = run_validation(validation, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet,
-                                        noise_scheduler, global_step, weight_dtype)
+                images = run_validation(validation, cfg, accelerator, frozen, unet, controlnet, global_step,
+                                        weight_dtype)
                 if tracker is not None:
                     stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator, log))
             if _broadcast_flag(accelerator, stop):
@@ -248,7 +243,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     accelerator.end_training()
     return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir),
             "models": {"controlnet": accelerator.unwrap_model(controlnet), "unet": accelerator.unwrap_model(unet),
-                       "vae": vae, "text_encoder": text_encoder}}
+                       "vae": vae, "text_encoder": frozen.text_encoders[0], "frozen": frozen}}
 
 
 def _rank_checksums(accelerator, model) -> list[float]:
@@ -259,19 +254,27 @@ def _rank_checksums(accelerator, model) -> list[float]:
     return [float(x) for x in accelerator.gather(total).cpu()]
 
 
-def _step(batch, cfg, vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, dropout, device, dtype):
+def _step(batch, cfg, frozen, unet, controlnet, dropout, device, dtype, log=print):
+    vae, noise_scheduler = frozen.vae, frozen.scheduler
+    sizes = batch.get("sizes")
+    if frozen.family.NAME == "sdxl" and not (sizes or {}).get("recorded") and "sizes" not in frozen.notes:
+        frozen.notes.add("sizes")
+        log("note: these shards do not record each sample's original size and crop offset (json orig_width/"
+            "orig_height, crop_top/crop_left); SDXL's time_ids use the image size and no crop for those")
     with torch.no_grad():
         latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
         latents = (latents * vae.config.scaling_factor).float()
-        encoder_hidden_states = encode_prompts(tokenizer, text_encoder, dropout(batch["text"]), device)
+        hidden, added = frozen.family.conditioning(frozen, dropout(batch["text"]), device, sizes,
+                                                   (cfg.resolution, cfg.resolution))
     noise = torch.randn_like(latents)
     timesteps = sample_timesteps(cfg.timestep_sampling, latents.shape[0], noise_scheduler.config.num_train_timesteps,
                                  device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    down, mid = controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states.float(),
+    down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden.float(), added_cond_kwargs=_cast(added, torch.float32),
                            controlnet_cond=batch["conditioning_pixel_values"].to(device), return_dict=False)
     unet_dtype = next(unet.parameters()).dtype
-    prediction = unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(unet_dtype),
+    prediction = unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=hidden.to(unet_dtype),
+                      added_cond_kwargs=_cast(added, unet_dtype),
                       down_block_additional_residuals=None if cfg.only_mid_control else [d.to(unet_dtype) for d in down],
                       mid_block_additional_residual=mid.to(unet_dtype), return_dict=False)[0]
     if noise_scheduler.config.prediction_type == "v_prediction":
@@ -279,6 +282,10 @@ def _step(batch, cfg, vae, text_encoder, tokenizer, unet, controlnet, noise_sche
     else:
         target = noise
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def _cast(added: dict | None, dtype: torch.dtype) -> dict | None:
+    return None if added is None else {k: v.to(dtype) for k, v in added.items()}
 
 
 def sample_timesteps(how: str, batch: int, total: int, device) -> torch.Tensor:
@@ -352,25 +359,23 @@ def _validation_batch(urls: list[str], cfg: TrainConfig) -> dict[str, Any]:
     return collate(samples)
 
 
-def run_validation(batch, cfg, accelerator, vae, text_encoder, tokenizer, unet, controlnet, noise_scheduler, step,
-                   dtype) -> list:
-    """Sample with the models already in memory (no second pipeline load); save condition | result rows."""
+def run_validation(batch, cfg, accelerator, frozen, unet, controlnet, step, dtype) -> list:
+    """Sample with the models already in memory (no second pipeline load), through the
+    family's diffusers ControlNet pipeline; save condition | result rows."""
     import numpy as np
-    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    from diffusers import DDIMScheduler
     from PIL import Image
 
-    pipe = StableDiffusionControlNetPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
-        controlnet=accelerator.unwrap_model(controlnet),
-        scheduler=DDIMScheduler.from_config(noise_scheduler.config),  # no reload from disk per validation
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = frozen.family.pipeline(frozen, accelerator.unwrap_model(unet), accelerator.unwrap_model(controlnet),
+                                  DDIMScheduler.from_config(frozen.scheduler.config))  # no reload per validation
     pipe.set_progress_bar_config(disable=True)
     conditions = [Image.fromarray((c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
                   for c in batch["conditioning_pixel_values"]]
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     with torch.autocast(accelerator.device.type, enabled=dtype != torch.float32):
-        images = pipe(batch["text"], conditions, num_inference_steps=cfg.validation_inference_steps,
-                      guidance_scale=cfg.validation_guidance_scale, generator=generator, height=cfg.resolution, width=cfg.resolution).images
+        images = pipe(prompt=batch["text"], image=conditions, num_inference_steps=cfg.validation_inference_steps,
+                      guidance_scale=cfg.validation_guidance_scale, generator=generator, height=cfg.resolution,
+                      width=cfg.resolution).images
     size = cfg.resolution
     grid = Image.new("RGB", (2 * size, len(images) * size))
     for row, (cond, image) in enumerate(zip(conditions, images)):

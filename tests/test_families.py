@@ -1,0 +1,133 @@
+"""Model families in the trainer, sampler and eval: SDXL next to SD 1.x, on tiny bases
+with random weights made here (plumbing, shapes, determinism, formats; not quality)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_synthetic
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from pipeline.build import run_build
+    from pipeline.config import BuildConfig
+    from tiny_models import make_tiny_sd, make_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("families")
+    write_synthetic(root / "in", 8, size=(120, 80))
+    for i in range(8):
+        (root / "in" / f"synth_{i:04d}.txt").write_text(f"a synthetic picture number {i}")
+    run_build(BuildConfig(input=[str(root / "in")], output=str(root / "shards"), resolution=64, min_size=64,
+                          caption_model="none", keep_captions=True, samples_per_shard=4, executor="local", preview=0,
+                          report_samples=0), log=lambda *_: None)
+    return {"root": root, "sd": make_tiny_sd(root / "sd"), "sdxl": make_tiny_sdxl(root / "sdxl"),
+            "shards": root / "shards"}
+
+
+def config(setup, out, base="sdxl", **kw):
+    from train.config import TrainConfig
+
+    values = dict(shards=[str(setup["shards"])], pretrained_model=str(setup[base]), output_dir=str(out), resolution=64,
+                  train_batch_size=2, max_train_steps=3, checkpointing_steps=2, validation_steps=100,
+                  num_validation_images=0, dataloader_num_workers=0, shuffle_buffer=4, report_to="none",
+                  learning_rate=1e-3)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_the_family_comes_from_model_index(setup, tmp_path):
+    from train import families
+
+    assert families.detect(str(setup["sd"])).NAME == "sd" and families.detect(str(setup["sdxl"])).NAME == "sdxl"
+    for name, said in (("StableDiffusion3Pipeline", "SD3"), ("FluxPipeline", "Flux"), ("KandinskyPipeline", "unknown")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": name}))
+        with pytest.raises(families.FamilyError, match=said):
+            families.detect(str(folder))
+
+
+def test_sdxl_batches_carry_the_recorded_size_and_crop(setup):
+    from train.data import expand_shards, make_dataset
+
+    batch = next(iter(make_dataset(expand_shards([str(setup["shards"])]), "canny", 64, 4, 0, 4, False)))
+    sizes = batch["sizes"]
+    assert sizes["recorded"] and sizes["original_size"].tolist() == [[80, 120]] * 4
+    assert sizes["crop_top_left"].tolist() == [[0, 16]] * 4, "120x80 resized to 96x64; the centre 64 starts at x=16"
+
+
+def test_sdxl_trains_resumes_bit_exactly_and_validates(setup, tmp_path):
+    from train.trainer import train
+
+    logs: list[str] = []
+    straight = train(config(setup, tmp_path / "straight", max_train_steps=4, validation_steps=2,
+                            num_validation_images=2), log=logs.append)
+    assert straight["global_step"] == 4 and any("base model: sdxl" in line for line in logs)
+    assert sorted(p.name for p in (tmp_path / "straight" / "validation").glob("*.png")) == [
+        "step-0000002.png", "step-0000004.png"]
+    train(config(setup, tmp_path / "resumed", max_train_steps=2), log=lambda *_: None)
+    resumed = train(config(setup, tmp_path / "resumed", max_train_steps=4, resume="latest"), log=lambda *_: None)
+    a, b = straight["models"]["controlnet"].state_dict(), resumed["models"]["controlnet"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resume is bit-exact"
+    from train import families
+    from train.trainer import make_controlnet
+
+    start = make_controlnet(families.load(str(setup["sdxl"]), torch.float32).unet).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a), "training moved the weights"
+
+
+def test_saved_sdxl_controlnet_generates_through_the_diffusers_pipeline(setup, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from train.trainer import train
+
+    train(config(setup, tmp_path / "run", max_train_steps=2), log=lambda *_: None)
+    controlnet = ControlNetModel.from_pretrained(tmp_path / "run")
+    assert controlnet.config.addition_embed_type == "text_time"
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(str(setup["sdxl"]), controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a synthetic picture", image=Image.new("RGB", (64, 64)), num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
+
+
+def test_sample_and_eval_commands_on_an_sdxl_base(setup, tmp_path):
+    from pipeline.cli import main
+    from train.trainer import train
+
+    train(config(setup, tmp_path / "run", max_train_steps=1), log=lambda *_: None)
+    shard = sorted((setup["shards"] / "shards").glob("*.tar"))[0]
+    args = ["sample", "--pretrained-model", str(setup["sdxl"]), "--shard", str(shard), "--num", "2", "--steps", "2",
+            "--resolution", "64", "--prompt-mode", "auto"]
+    assert main([*args, "--controlnet", str(tmp_path / "run"), "--output", str(tmp_path / "s")]) == 0
+    assert main([*args, "--output", str(tmp_path / "base")]) == 0, "the SDXL base alone"
+    records = [json.loads((tmp_path / "s" / f"{i:04d}.json").read_text()) for i in range(2)]
+    assert records[0]["prompt"].startswith("a synthetic picture") and (tmp_path / "s" / "0001.png").exists()
+    assert main(["eval", str(tmp_path / "s"), "--condition", "canny", "--shuffled"]) == 0
+
+
+def test_clear_errors_before_any_step(setup, tmp_path, capsys):
+    from pipeline.cli import main
+    from train.trainer import TrainError, train
+
+    train(config(setup, tmp_path / "sd-run", base="sd", max_train_steps=1), log=lambda *_: None)
+    with pytest.raises(TrainError, match="made for another kind of base model"):
+        train(config(setup, tmp_path / "mixed", controlnet=str(tmp_path / "sd-run")), log=lambda *_: None)
+    with pytest.raises(TrainError, match="resolution 40 does not fit"):
+        train(config(setup, tmp_path / "res", resolution=40), log=lambda *_: None)
+    shard = sorted((setup["shards"] / "shards").glob("*.tar"))[0]
+    assert main(["sample", "--pretrained-model", str(setup["sdxl"]), "--controlnet", str(tmp_path / "sd-run"),
+                 "--shard", str(shard), "--num", "1", "--steps", "1", "--resolution", "64",
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "another kind of base model" in capsys.readouterr().err
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(TrainError, match="not supported by the trainer yet"):
+        train(config(setup, tmp_path / "sd3run", pretrained_model=str(sd3)), log=lambda *_: None)

@@ -1,0 +1,112 @@
+"""Model families: what differs between base models, behind one small interface, so the
+trainer, the sampler and validation run one loop for all. A family is one module here;
+adding one is adding a file and a line in FAMILIES.
+
+The family is read from the base folder's `model_index.json` (`_class_name`), before any
+model is loaded, so an unsupported base fails at once with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class FamilyError(ValueError):
+    """A base model, ControlNet or setting the trainer cannot use; the message says why."""
+
+
+@dataclass
+class Frozen:
+    """The frozen parts of a base model (loaded once), and its family."""
+
+    family: Any
+    pretrained: str
+    tokenizers: list
+    text_encoders: list
+    vae: Any
+    unet: Any
+    scheduler: Any  # the training noise scheduler (DDPM)
+    notes: set = field(default_factory=set)  # things said once (e.g. missing size records)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+#: model_index.json _class_name -> family module (train/families/<module>.py)
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionControlNetPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+}
+NOT_YET = {"StableDiffusion3Pipeline": "SD3", "FluxPipeline": "Flux"}
+
+
+def pipeline_class_name(pretrained: str) -> str | None:
+    """`_class_name` of the base's model_index.json (local folder or hub cache), or None."""
+    path = os.path.join(pretrained, "model_index.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(pretrained, "model_index.json")
+        except Exception:
+            return None
+    try:
+        return json.loads(open(path).read()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def detect(pretrained: str):
+    """The family module of a base model. A folder without model_index.json is taken as
+    SD 1.x/2.x (what older controlforge runs assumed)."""
+    import importlib
+
+    name = pipeline_class_name(pretrained)
+    if name in NOT_YET:
+        raise FamilyError(f"{pretrained}: {name} ({NOT_YET[name]}) bases are not supported by the trainer yet; "
+                          f"supported: SD 1.x/2.x and SDXL ({', '.join(sorted(FAMILIES))})")
+    if name is not None and name not in FAMILIES:
+        raise FamilyError(f"{pretrained}: unknown base model type {name!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return importlib.import_module(f"{__name__}.{FAMILIES.get(name, 'sd')}")
+
+
+def load(pretrained: str, dtype: torch.dtype) -> Frozen:
+    return detect(pretrained).load(pretrained, dtype)
+
+
+def check_resolution(frozen: Frozen, resolution: int) -> None:
+    """The latent must halve evenly through every UNet level."""
+    levels = len(frozen.unet.config.down_block_types) - 1
+    step = frozen.vae_scale_factor * 2 ** levels
+    if resolution % step:
+        raise FamilyError(f"resolution {resolution} does not fit {frozen.pretrained}: it must be a multiple of {step} "
+                          f"(VAE factor {frozen.vae_scale_factor} x 2^{levels} UNet levels)")
+
+
+def check_controlnet(frozen: Frozen, controlnet, where: str) -> None:
+    """A ControlNet made for another family (or another base size) fails here, named."""
+    unet, net = frozen.unet.config, controlnet.config
+    for key in ("cross_attention_dim", "addition_embed_type", "in_channels"):
+        if net.get(key) != unet.get(key):
+            raise FamilyError(f"{where}: this ControlNet was made for another kind of base model ({key} is "
+                              f"{net.get(key)!r}, the base {frozen.pretrained} has {unet.get(key)!r})")
+    factor = 2 ** (len(net.conditioning_embedding_out_channels) - 1)
+    if factor != frozen.vae_scale_factor:
+        raise FamilyError(f"{where}: its condition encoder shrinks images by {factor}, but the base's VAE by "
+                          f"{frozen.vae_scale_factor}: this ControlNet was trained for another base model")
+
+
+def load_error(pretrained: str, exc: BaseException, example: str) -> FamilyError:
+    return FamilyError(f"cannot load the base model {pretrained!r} ({type(exc).__name__}: {str(exc)[:200]}). "
+                       f"Without hub access, download it elsewhere (`huggingface-cli download {example} --local-dir "
+                       f"base`), copy the folder here and pass --pretrained-model ./base")

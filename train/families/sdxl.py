@@ -1,0 +1,68 @@
+"""SDXL: two CLIP text encoders (hidden states of the penultimate layer, concatenated),
+the second one's pooled projection, and `time_ids` (original size, crop offset, target
+size) as added conditioning, for the UNet and the ControlNet alike."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from . import Frozen, load_error
+
+NAME = "sdxl"
+PIPELINE = "StableDiffusionXLControlNetPipeline"
+
+
+def load(pretrained: str, dtype: torch.dtype) -> Frozen:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    try:
+        tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+        encoders = [CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder"),
+                    CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2")]
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
+        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise load_error(pretrained, exc, "stabilityai/stable-diffusion-xl-base-1.0") from None
+    for module in (*encoders, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    return Frozen(sys.modules[__name__], pretrained, tokenizers, [e.to(dtype) for e in encoders],
+                  vae.to(dtype), unet, scheduler)
+
+
+def time_ids(sizes: Any, batch: int, target: tuple[int, int]) -> torch.Tensor:
+    """(original h, w, crop top, left, target h, w) per sample; `sizes` holds the recorded
+    `original_size` and `crop_top_left` (B x 2 each), or None: then the target size and no crop."""
+    if sizes is None:
+        rows = [[*target, 0, 0, *target]] * batch
+        return torch.tensor(rows, dtype=torch.float32)
+    return torch.cat([sizes["original_size"].float(), sizes["crop_top_left"].float(),
+                      torch.tensor([list(target)] * batch, dtype=torch.float32)], dim=1)
+
+
+def conditioning(frozen: Frozen, prompts: list[str], device, sizes: Any = None,
+                 target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(frozen.tokenizers, frozen.text_encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        pooled = out[0]  # the last encoder's (CLIPTextModelWithProjection) text_embeds
+        hidden.append(out.hidden_states[-2])
+    target = target or (frozen.unet.config.sample_size * frozen.vae_scale_factor,) * 2
+    ids = time_ids(sizes, len(prompts), target).to(device, pooled.dtype)
+    return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": ids}
+
+
+def pipeline(frozen: Frozen, unet, controlnet, scheduler):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    return StableDiffusionXLControlNetPipeline(
+        vae=frozen.vae, text_encoder=frozen.text_encoders[0], text_encoder_2=frozen.text_encoders[1],
+        tokenizer=frozen.tokenizers[0], tokenizer_2=frozen.tokenizers[1], unet=unet, controlnet=controlnet,
+        scheduler=scheduler, add_watermarker=False)
