@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from importlib import metadata
@@ -70,6 +71,17 @@ def _clear_output(out: Output) -> None:
         out.remove(name)
 
 
+def choose_executor(cfg: BuildConfig, inputs: int) -> str:
+    """Ray when there is a cluster to use or enough work to pay for starting one (about
+    5 s here); a small build runs in this process."""
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        return "ray"
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        return "ray"
+    return "ray" if inputs > cfg.auto_local_max_inputs else "local"
+
+
 def _captioner_plan(cfg: BuildConfig, refs: list[InputRef]) -> tuple[bool, float, int]:
     """Whether a captioner stage is needed, its GPUs per actor and its actor count."""
     if not cfg.captioning:
@@ -125,6 +137,9 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     t0 = time.perf_counter()
     refs = list_inputs(cfg.input, cfg.url_column, cfg.caption_column)
     list_seconds = time.perf_counter() - t0
+    if cfg.executor == "auto":
+        cfg = cfg.model_copy(update={"executor": choose_executor(cfg, len(refs))})
+        log(f"executor: {cfg.executor} (auto; --executor ray or local to choose)")
     works = plan_shards(refs, cfg.samples_per_shard)
     manifest = writer.load_manifest(out)
     if manifest is not None:
@@ -216,7 +231,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--num-cpus", type=float, help="CPUs per shard task (default 1)")
     add("--num-gpus", type=float, dest="caption_num_gpus", help="GPUs per captioner actor (default: 1 if the cluster has GPUs)")
     add("--annotator-num-gpus", type=float, help="GPU share of the actor holding the network annotators (default 0.5 if the cluster has GPUs)")
-    add("--executor", choices=["ray", "local"], help="ray (default) or local: one process, no Ray")
+    add("--executor", choices=["auto", "ray", "local"], help="auto (default): Ray for a cluster or a build of more "
+        "than --auto-local-max-inputs inputs, else local; ray; local: one process, no Ray")
+    add("--auto-local-max-inputs", type=int, help="auto runs builds up to this many inputs locally (default 64)")
     add("--ray-address", help="Ray cluster to join (default RAY_ADDRESS, else an embedded local cluster)")
     add("--preview", type=int, help="samples drawn into OUT/preview.png (default 16, 0 = none)")
     add("--report-samples", type=int, help="samples in the grid of OUT/report.html (default 1000, 0 = no report)")

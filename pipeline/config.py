@@ -61,7 +61,10 @@ class BuildConfig(BaseModel):
     annotator_num_gpus: float | None = Field(None, ge=0, description="GPU share of the network-annotator actor; None = 0.5 if the cluster has GPUs")
     seed: int = 0
     num_cpus: float = Field(1.0, gt=0, description="CPUs per shard task (read, decode, annotate, write)")
-    executor: Literal["ray", "local"] = "ray"
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto", description="auto: Ray when a cluster is given (ray_address, RAY_ADDRESS, ray job submit) or running, "
+        "or the build has more than auto_local_max_inputs inputs; else one local process (no Ray start-up)")
+    auto_local_max_inputs: int = Field(64, ge=0, description="auto runs builds up to this many inputs locally")
     ray_address: str | None = None
     preview: int = Field(16, ge=0, description="samples drawn into OUT/preview.png at the end; 0 = none")
     report_samples: int = Field(1000, ge=0, description="samples in the grid of OUT/report.html; 0 = no report")

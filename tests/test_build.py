@@ -370,3 +370,17 @@ def test_the_manifest_is_written_a_constant_number_of_times_however_many_shards(
                  "--caption-model", "none", "--min-size", "64", "--resolution", "64", "--samples-per-shard", "1",
                  "--preview", "0", "--report-samples", "0"]) == 0
     assert saves == [0, 12], "once at the start (config), once at the end (12 shards)"
+
+
+def test_auto_executor_runs_small_builds_locally_and_uses_a_cluster_when_there_is_one(monkeypatch):
+    from pipeline.build import choose_executor
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not started in this process
+    small = BuildConfig(input=["x"])
+    assert choose_executor(small, 7) == "local" and choose_executor(small, 65) == "ray"
+    assert choose_executor(BuildConfig(input=["x"], auto_local_max_inputs=1000), 500) == "local"
+    assert choose_executor(BuildConfig(input=["x"], ray_address="10.0.0.1:6379"), 7) == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # e.g. under `ray job submit`
+    assert choose_executor(small, 7) == "ray"
