@@ -250,6 +250,10 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # `python pipeline/build.py ...`, e.g. under `ray job submit`
+        from pipeline.cli import exit_on_sigterm
+
+        exit_on_sigterm()
     return run_from_args(args)
 
 

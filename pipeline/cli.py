@@ -37,8 +37,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, `ray job stop`, a scheduler) unwinds like Ctrl-C: locks are released
+    and the embedded Ray cluster is shut down by its exit hook instead of being orphaned."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if argv is None:  # as a program, not called from Python
+        exit_on_sigterm()
     return args.func(args)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import contextlib
 import os
 import shutil
 import signal
@@ -384,3 +385,46 @@ def test_auto_executor_runs_small_builds_locally_and_uses_a_cluster_when_there_i
     assert choose_executor(BuildConfig(input=["x"], ray_address="10.0.0.1:6379"), 7) == "ray"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # e.g. under `ray job submit`
     assert choose_executor(small, 7) == "ray"
+
+
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_sigterm_leaves_no_process_and_no_lock_behind(tmp_path, executor):
+    """A build stopped with SIGTERM (kill, a scheduler, `ray job stop`): the driver exits,
+    the lock is released, and no Ray process outlives it (on Ray, its own driver handler
+    and fate-sharing do most of it; locally, controlforge's handler unwinds the build)."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    write_synthetic(tmp_path / "in", 80, size=(300, 200))
+    ray_tmp = tempfile.mkdtemp(prefix="cfr-")  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", "--input", str(tmp_path / "in"), "--output",
+                             str(tmp_path / "out"), "--executor", executor, "--caption-model", "none", "--min-size", "64",
+                             "--samples-per-shard", "2", "--preview", "0", "--report-samples", "0"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: list = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            family = psutil.Process(proc.pid).children(recursive=True)
+            ray_up = executor == "local" or any("raylet" in " ".join(p.cmdline()) for p in family if p.is_running())
+            if ray_up and list((tmp_path / "out" / "shards").glob("*_stats.json")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the build ended before it could be stopped"
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) != 0
+        _, alive = psutil.wait_procs(family, timeout=60)
+        assert not alive, f"outlived the driver: {[(p.pid, ' '.join(p.cmdline())[:80]) for p in alive]}"
+        assert not (tmp_path / "out" / ".controlforge.lock").exists(), "the lock was released"
+    finally:
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
