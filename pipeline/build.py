@@ -176,6 +176,9 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
 
     all_stats = [writer.load_stats(out, w.name) for w in works]
     writer.drop_cross_shard_duplicates(out, all_stats, cfg.seed)  # updates the stats it changes in place
+    if cfg.near_duplicates is not None:
+        dropped = writer.drop_near_duplicates(out, all_stats, cfg.near_duplicates)
+        log(f"near-duplicates (pHash distance <= {cfg.near_duplicates}): {dropped} removed")
     manifest["shards"] = [writer.manifest_entry(s) for s in sorted(all_stats, key=lambda s: s["shard"])]
     manifest["samples"] = sum(e["samples"] for e in manifest["shards"])
     manifest["rejected"] = sum(len(s["errors"]) for s in all_stats)
@@ -227,6 +230,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--caption-max-tokens", type=int, help="default 40")
     add("--caption-beams", type=int, help="beam search width (default 3)")
     add("--caption-batch-size", type=int, help="images per BLIP forward pass (default 16)")
+    add("--min-condition-coverage", type=float, metavar="F", help="reject a sample when a condition map has less "
+        "than F of its pixels non-zero (reason empty_condition; off by default)")
+    add("--min-depth-std", type=float, metavar="S", help="reject depth maps whose std (0-255) is below S (reason "
+        "flat_depth; off by default). For openpose maps with nobody: annotator_params openpose keep_empty: false")
+    add("--near-duplicates", type=int, metavar="N", help="reject images within pHash Hamming distance N of an earlier "
+        "one across the whole build (reason near_duplicate; the first in shard/key order stays; off by default)")
     add("--seed", type=int, help="seed for per-image random annotator parameters (default 0)")
     add("--num-cpus", type=float, help="CPUs per shard task (default 1)")
     add("--num-gpus", type=float, dest="caption_num_gpus", help="GPUs per captioner actor (default: 1 if the cluster has GPUs)")

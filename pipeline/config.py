@@ -23,6 +23,7 @@ CONTENT_FIELDS = (
     "conditions", "resolution", "resize_mode", "min_size", "max_aspect", "max_pixels",
     "samples_per_shard", "caption_model", "caption_prompt", "caption_max_tokens",
     "caption_beams", "keep_captions", "seed", "jpeg_quality", "annotator_params",
+    "min_condition_coverage", "near_duplicates", "min_depth_std",
 )
 
 
@@ -58,6 +59,12 @@ class BuildConfig(BaseModel):
     caption_concurrency: int | None = Field(None, ge=1, description="captioner actors; None = one per GPU, else 1")
 
     annotator_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    min_condition_coverage: float | None = Field(None, ge=0, le=1, description="reject a sample when a condition "
+                                                 "map has less than this share of non-zero pixels (empty_condition)")
+    min_depth_std: float | None = Field(None, ge=0, description="reject a depth map whose standard deviation "
+                                        "(0-255 scale) is below this: a flat map teaches nothing (flat_depth)")
+    near_duplicates: int | None = Field(None, ge=0, le=31, description="reject images within this pHash Hamming "
+                                        "distance of an earlier kept one, across the build (near_duplicate)")
     annotator_num_gpus: float | None = Field(None, ge=0, description="GPU share of the network-annotator actor; None = 0.5 if the cluster has GPUs")
     seed: int = 0
     num_cpus: float = Field(1.0, gt=0, description="CPUs per shard task (read, decode, annotate, write)")

@@ -33,6 +33,7 @@ class Sample:
     coverage: dict[str, float] = field(default_factory=dict)
     crop_top: int = 0  # the resize window's offset (SDXL's crop conditioning)
     crop_left: int = 0
+    phash: str | None = None  # perceptual hash, when the build looks for near-duplicates
 
 
 @dataclass

@@ -19,6 +19,7 @@ from . import annotators as annotator_registry
 from .captioner import BlipCaptioner, CaptionModelError
 from .decode import Rejected, ResizeSpec, coverage, decode_and_resize, decode_rgb, encode_jpeg, encode_png
 from .http_fetch import FetchError, HttpOptions
+from .near_duplicates import phash
 from .readers import fetch
 from .output import Output
 from .shard import Sample, ShardWork
@@ -95,6 +96,9 @@ class ReadDecode(Step):
             sample = Sample(key, ref.source, sha, jpg, width, height, decoded.orig_width, decoded.orig_height,
                             meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")},
                             crop_top=decoded.crop_top, crop_left=decoded.crop_left)
+            if cfg.near_duplicates is not None:
+                with timed(work, "phash"):
+                    sample.phash = phash(decoded.image)
             self._caption_from_input(sample, got.caption, ref.caption_origin)
             if decoded.untouched:  # the stored image is the input's: its conditions still match it
                 infos = got.meta.get("conditions") or {}
@@ -227,9 +231,20 @@ class Annotate(Step):
             return False
         if used.pop("_empty", False):
             work.counters[f"{name}:empty"] = work.counters.get(f"{name}:empty", 0) + 1
+        flat = getattr(self.cfg, "min_depth_std", None)
+        if name == "depth" and flat is not None and float(condition.std()) < flat:
+            work.reject(sample.source, f"annotate:{name}", "flat_depth",
+                        f"depth map std {float(condition.std()):.2f} (of 255) below min_depth_std={flat:g}")
+            return False
+        share = coverage(condition)
+        floor = self.cfg.min_condition_coverage
+        if floor is not None and share < floor:
+            work.reject(sample.source, f"annotate:{name}", "empty_condition",
+                        f"{name}: {share:.4f} of its pixels are non-zero, below min_condition_coverage={floor:g}")
+            return False
         sample.conditions[name] = png
         sample.condition_info[name] = annotator.describe({**used, "seed": seed})
-        sample.coverage[name] = coverage(condition)
+        sample.coverage[name] = share
         return True
 
 

@@ -102,6 +102,7 @@ def write_shard(out: Output, work: ShardWork, build_seed: int, conditions: list[
         # per sample, in key order like keys/sources: what reports and dataset cards summarise
         "caption_sources": [caption_source(s) for s in samples],
         "caption_words": [len((s.caption or "").split()) for s in samples],
+        "phashes": [s.phash for s in samples],
         "coverage": {name: [_coverage(s, name) for s in samples] for name in sorted(conditions, key=condition_sort_key)},
         "errors": work.errors,
     }
@@ -124,7 +125,7 @@ def _coverage(sample: Sample, name: str) -> float | None:
 
 
 #: stats lists with one entry per kept sample, in key order
-PER_SAMPLE_FIELDS = ("keys", "sources", "caption_sources", "caption_words")
+PER_SAMPLE_FIELDS = ("keys", "sources", "caption_sources", "caption_words", "phashes")
 
 
 def caption_source(sample: Sample) -> str:
@@ -190,6 +191,23 @@ def write_errors(out: Output, all_stats: list[dict[str, Any]]) -> int:
     return len(lines)
 
 
+def drop_samples(out: Output, stats: dict[str, Any], drops: dict[str, dict[str, Any]]) -> None:
+    """Remove samples (key -> its errors.jsonl record) from a finished shard: the tar is
+    rewritten without them, then its stats (the completion marker) with them as errors."""
+    tar_name = f"{SHARDS_DIR}/{stats['shard']}.tar"
+    data = _filter_tar(out.read_bytes(tar_name), set(drops))
+    stats["errors"].extend(drops.values())
+    keep = [i for i, k in enumerate(stats["keys"]) if k not in drops]
+    for field in PER_SAMPLE_FIELDS:
+        if field in stats:
+            stats[field] = [stats[field][i] for i in keep]
+    stats["coverage"] = {name: [values[i] for i in keep] for name, values in stats.get("coverage", {}).items()}
+    stats.update(samples=len(keep), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                 rejected=dict(sorted(Counter(e["error"] for e in stats["errors"]).items())))
+    out.write_atomic(tar_name, data)
+    write_json(out, f"{SHARDS_DIR}/{stats['shard']}_stats.json", stats)
+
+
 def drop_cross_shard_duplicates(out: Output, all_stats: list[dict[str, Any]], build_seed: int) -> list[dict[str, Any]]:
     """The same picture reached from two shards stays in the earlier shard only.
 
@@ -199,31 +217,37 @@ def drop_cross_shard_duplicates(out: Output, all_stats: list[dict[str, Any]], bu
     first_seen: dict[str, tuple[str, str]] = {}
     changed = []
     for stats in sorted(all_stats, key=lambda s: s["shard"]):
-        drop = {}
+        drops = {}
         for key, source in zip(stats["keys"], stats["sources"]):
             if key in first_seen:
-                drop[key] = source
+                shard, kept = first_seen[key]
+                drops[key] = {"source": source, "stage": "dedup", "error": "duplicate",
+                              "message": f"same image (key {key}) as {kept} in shard {shard}", "shard": stats["shard"]}
             else:
                 first_seen[key] = (stats["shard"], source)
-        if not drop:
-            continue
-        tar_name = f"{SHARDS_DIR}/{stats['shard']}.tar"
-        data = _filter_tar(out.read_bytes(tar_name), set(drop))
-        for key, source in drop.items():
-            shard, kept = first_seen[key]
-            stats["errors"].append({"source": source, "stage": "dedup", "error": "duplicate",
-                                    "message": f"same image (key {key}) as {kept} in shard {shard}", "shard": stats["shard"]})
-        keep = [i for i, k in enumerate(stats["keys"]) if k not in drop]
-        for field in PER_SAMPLE_FIELDS:
-            if field in stats:
-                stats[field] = [stats[field][i] for i in keep]
-        stats["coverage"] = {name: [values[i] for i in keep] for name, values in stats.get("coverage", {}).items()}
-        stats.update(samples=len(keep), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                     rejected=dict(sorted(Counter(e["error"] for e in stats["errors"]).items())))
-        out.write_atomic(tar_name, data)
-        write_json(out, f"{SHARDS_DIR}/{stats['shard']}_stats.json", stats)
-        changed.append(stats)
+        if drops:
+            drop_samples(out, stats, drops)
+            changed.append(stats)
     return changed
+
+
+def drop_near_duplicates(out: Output, all_stats: list[dict[str, Any]], max_distance: int) -> int:
+    """Perceptual near-duplicates across the build (stages/near_duplicates.py): the first
+    in shard and key order stays; the others are removed, naming the kept key."""
+    from .near_duplicates import find
+
+    ordered = sorted(all_stats, key=lambda s: s["shard"])
+    where = {k: (s["shard"], src) for s in ordered for k, src in zip(s["keys"], s["sources"])}
+    found = find(((k, h) for s in ordered for k, h in zip(s["keys"], s.get("phashes") or [None] * len(s["keys"]))),
+                 max_distance)
+    for stats in ordered:
+        drops = {k: {"source": src, "stage": "dedup", "error": "near_duplicate", "shard": stats["shard"],
+                     "message": f"looks like key {found[k][0]} ({where[found[k][0]][1]}, shard {where[found[k][0]][0]}): "
+                                f"pHash distance {found[k][1]} <= {max_distance}", "kept": found[k][0]}
+                 for k, src in zip(stats["keys"], stats["sources"]) if k in found}
+        if drops:
+            drop_samples(out, stats, drops)
+    return len(found)
 
 
 def _filter_tar(data: bytes, drop_keys: set[str]) -> bytes:
