@@ -161,6 +161,13 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     captioning, caption_gpus, caption_actors = _captioner_plan(cfg, refs)
     if captioning and todo:
         preflight_caption_model(cfg.caption_model)
+    if cfg.latents and todo:  # a wrong model fails here, named, before any shard
+        from stages.latents import LatentEncoder
+
+        try:
+            LatentEncoder(cfg.latents, "cpu").setup()
+        except ValueError as exc:
+            raise BuildError(str(exc)) from None
     if todo:
         for annotator in annotators.values():
             annotator.check_weights()  # a missing file fails here, named, before any work
@@ -230,6 +237,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--caption-max-tokens", type=int, help="default 40")
     add("--caption-beams", type=int, help="beam search width (default 3)")
     add("--caption-batch-size", type=int, help="images per BLIP forward pass (default 16)")
+    add("--latents", metavar="MODEL", help="encode every stored image with MODEL's VAE into KEY.latents.npy "
+        "(float16, mean x scaling factor); the trainer uses them when they match its base")
     add("--min-condition-coverage", type=float, metavar="F", help="reject a sample when a condition map has less "
         "than F of its pixels non-zero (reason empty_condition; off by default)")
     add("--min-depth-std", type=float, metavar="S", help="reject depth maps whose std (0-255) is below S (reason "

@@ -23,7 +23,7 @@ CONTENT_FIELDS = (
     "conditions", "resolution", "resize_mode", "min_size", "max_aspect", "max_pixels",
     "samples_per_shard", "caption_model", "caption_prompt", "caption_max_tokens",
     "caption_beams", "keep_captions", "seed", "jpeg_quality", "annotator_params",
-    "min_condition_coverage", "near_duplicates", "min_depth_std",
+    "min_condition_coverage", "near_duplicates", "min_depth_std", "latents",
 )
 
 
@@ -59,6 +59,8 @@ class BuildConfig(BaseModel):
     caption_concurrency: int | None = Field(None, ge=1, description="captioner actors; None = one per GPU, else 1")
 
     annotator_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    latents: str | None = Field(None, description="a base model (diffusers folder or hub id) whose VAE encodes each "
+                                "stored image into KEY.latents.npy, so training skips the VAE encoder")
     min_condition_coverage: float | None = Field(None, ge=0, le=1, description="reject a sample when a condition "
                                                  "map has less than this share of non-zero pixels (empty_condition)")
     min_depth_std: float | None = Field(None, ge=0, description="reject a depth map whose standard deviation "

@@ -34,6 +34,8 @@ class Sample:
     crop_top: int = 0  # the resize window's offset (SDXL's crop conditioning)
     crop_left: int = 0
     phash: str | None = None  # perceptual hash, when the build looks for near-duplicates
+    latents: bytes | None = None  # KEY.latents.npy (build --latents)
+    latents_info: dict[str, Any] | None = None
 
 
 @dataclass

@@ -271,6 +271,32 @@ def _check_condition(condition: np.ndarray, image: np.ndarray, annotator) -> Non
                          f"expected {np.dtype(annotator.dtype)} {expected}")
 
 
+class EncodeLatents(Step):
+    """The VAE latents of every stored image (build --latents MODEL), batched; a GPU actor
+    when the cluster has GPUs."""
+
+    name = "latents"
+
+    def __init__(self, cfg, num_gpus: float = 0.0):
+        from .latents import LatentEncoder
+
+        self.cfg, self.num_gpus, self.actor = cfg, num_gpus, num_gpus > 0
+        self.encoder = LatentEncoder(cfg.latents, "cuda" if num_gpus > 0 else None)
+
+    def __call__(self, work: ShardWork) -> ShardWork:
+        from .latents import npy_bytes
+
+        with timed(work, "latents"):
+            by_size: dict[tuple, list[tuple[Sample, np.ndarray]]] = {}
+            for sample in work.samples:
+                image = decode_rgb(sample.jpg)
+                by_size.setdefault(image.shape, []).append((sample, image))
+            for group in by_size.values():  # one batch shape per call (keep_ratio builds have several)
+                for (sample, _), latent in zip(group, self.encoder([image for _, image in group])):
+                    sample.latents, sample.latents_info = npy_bytes(latent), self.encoder.info(latent.shape)
+        return work
+
+
 class WriteShard(Step):
     """The shard tar and its stats; returns the stats, the end of the line."""
 
@@ -294,5 +320,7 @@ def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0, annota
         steps.append(Annotate(cfg, networks, annotator_num_gpus))
     if needs_captioner:
         steps.append(Caption(cfg, caption_num_gpus))
+    if getattr(cfg, "latents", None):
+        steps.append(EncodeLatents(cfg, annotator_num_gpus or caption_num_gpus))
     steps.append(WriteShard(cfg))
     return steps

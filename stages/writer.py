@@ -56,6 +56,8 @@ def sample_json(sample: Sample, build_seed: int) -> dict[str, Any]:
         "conditions": {name: sample.condition_info[name] for name in sorted(sample.conditions, key=condition_sort_key)},
         "seed": build_seed,
     })
+    if sample.latents_info is not None:
+        meta["latents"] = sample.latents_info
     return meta
 
 
@@ -76,6 +78,8 @@ def shard_tar_bytes(samples: Iterable[Sample], build_seed: int) -> bytes:
             _tar_member(tar, f"{sample.key}.json", json.dumps(sample_json(sample, build_seed), sort_keys=True).encode())
             for name in sorted(sample.conditions, key=condition_sort_key):
                 _tar_member(tar, f"{sample.key}.{name}.png", sample.conditions[name])
+            if sample.latents is not None:
+                _tar_member(tar, f"{sample.key}.latents.npy", sample.latents)
     return buf.getvalue()
 
 

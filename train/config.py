@@ -44,7 +44,10 @@ class TrainConfig(BaseModel):
 
     shuffle_buffer: int = Field(1000, ge=1)
     dataloader_num_workers: int = Field(2, ge=0)
-    flip: bool | None = Field(None, description="random horizontal flips; None = on, except for openpose")
+    flip: bool | None = Field(None, description="random horizontal flips; None = on, except for openpose (and off "
+                              "when cached latents are used)")
+    cached_latents: bool = Field(True, description="use the shards' KEY.latents.npy when they were made with this "
+                                 "base's VAE at this resolution (no VAE encoder in the loop); false = always encode")
 
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int | None = Field(3, ge=1)

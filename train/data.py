@@ -115,8 +115,9 @@ def to_tensors(image: np.ndarray, condition: np.ndarray) -> tuple[torch.Tensor, 
 class Augment:
     """One seeded RNG per (rank, worker): the stream is a function of the seed alone."""
 
-    def __init__(self, condition: str, resolution: int, flip: bool, seed: int):
+    def __init__(self, condition: str, resolution: int, flip: bool, seed: int, latents: bool = False):
         self.condition, self.resolution, self.flip, self.seed = condition, resolution, flip, seed
+        self.latents = latents  # pass KEY.latents.npy through (the image is then not cropped or flipped)
 
     def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
@@ -131,7 +132,13 @@ class Augment:
             size = recorded_size(sample.get("json"), image.shape[:2])
             image, cond = joint_crop_flip(image, _rgb(sample[member]), self.resolution, rng, self.flip)
             pixels, cond = to_tensors(image, cond)
-            yield {"pixel_values": pixels, "conditioning_pixel_values": cond, "text": sample.get("txt", ""), **size}
+            item = {"pixel_values": pixels, "conditioning_pixel_values": cond, "text": sample.get("txt", ""), **size}
+            if self.latents:
+                if "latents.npy" not in sample:
+                    raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no latents.npy, "
+                                   f"though the run uses cached latents (pass --no-cached-latents)")
+                item["latents"] = torch.from_numpy(np.asarray(sample["latents.npy"], dtype=np.float32))
+            yield item
 
 
 def recorded_size(meta: Any, shape: tuple[int, int]) -> dict[str, Any]:
@@ -157,6 +164,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
              "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]),
              "text": [s["text"] for s in samples]}
+    if all("latents" in s for s in samples):
+        batch["latents"] = torch.stack([s["latents"] for s in samples])
     if all("original_size" in s for s in samples):
         batch["sizes"] = {"original_size": torch.stack([s["original_size"] for s in samples]),
                           "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
@@ -181,7 +190,7 @@ class SkipBatches:
 
 
 def make_dataset(urls: list[str], condition: str, resolution: int, batch_size: int, seed: int,
-                 shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0):
+                 shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0, latents: bool = False):
     import webdataset as wds
 
     return wds.DataPipeline(
@@ -189,10 +198,37 @@ def make_dataset(urls: list[str], condition: str, resolution: int, batch_size: i
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
         wds.decode("pil", handler=wds.warn_and_continue),
-        Augment(condition, resolution, flip, seed),
+        Augment(condition, resolution, flip and not latents, seed, latents),
         wds.batched(batch_size, collation_fn=collate, partial=False),
         SkipBatches(skip_batches),
     )
+
+
+def cached_latents_match(urls: list[str], pretrained: str, scaling_factor: float, shape: list[int],
+                         resolution: int) -> tuple[bool, str]:
+    """Whether the shards' cached latents fit this run (judged on the first sample), and why."""
+    import json
+
+    import webdataset as wds
+
+    for sample in wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        info = meta.get("latents")
+        if not info or "latents.npy" not in sample:
+            return False, "the shards hold no cached latents"
+        same_model = info.get("model") == pretrained or (
+            os.path.exists(str(info.get("model"))) and os.path.exists(pretrained)
+            and os.path.samefile(str(info.get("model")), pretrained))
+        if not same_model:
+            return False, f"the shards' latents were made with {info.get('model')!r}, not this base {pretrained!r}"
+        if abs(float(info.get("scaling_factor", 0)) - scaling_factor) > 1e-6 or list(info.get("shape", [])) != shape:
+            return False, (f"the shards' latents ({info.get('shape')}, scaling {info.get('scaling_factor')}) do not fit "
+                           f"this run ({shape} at resolution {resolution}, scaling {scaling_factor})")
+        if (meta.get("width"), meta.get("height")) != (resolution, resolution):
+            return False, (f"the stored images are {meta.get('width')}x{meta.get('height')}, the run trains at "
+                           f"{resolution}: crops would not match the latents")
+        return True, f"cached latents from the shards ({info.get('model')})"
+    return False, "the first shard is empty"
 
 
 def make_loader(dataset, num_workers: int, seed: int = 0) -> torch.utils.data.DataLoader:

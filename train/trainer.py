@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import families
 from .config import TrainConfig
-from .data import expand_shards, make_dataset, make_hf_dataset, make_loader
+from .data import cached_latents_match, expand_shards, make_dataset, make_hf_dataset, make_loader
 
 
 class TrainError(RuntimeError):
@@ -175,9 +175,20 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         accelerator.load_state(str(resume_from))
         global_step = json.loads((resume_from / "controlforge_state.json").read_text())["global_step"]
         log(f"resumed from {resume_from} at step {global_step}")
+    use_latents = False
+    if urls and cfg.cached_latents:
+        latent_shape = [vae.config.latent_channels, *(cfg.resolution // frozen.vae_scale_factor,) * 2]
+        use_latents, why = cached_latents_match(urls, cfg.pretrained_model, vae.config.scaling_factor, latent_shape,
+                                                cfg.resolution)
+        if use_latents and cfg.flip:
+            raise TrainError("--flip with cached latents: a flipped image's latent is not the flipped latent; "
+                             "pass --no-flip, or --no-cached-latents to encode every (flipped) image")
+        log(f"using {why}: no VAE encoder in the loop" + ("; random flips off" if cfg.flip_enabled else "")
+            if use_latents else f"encoding images with the VAE ({why})")
     data_args = (cfg.condition, cfg.resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer, cfg.flip_enabled,
                  global_step * cfg.gradient_accumulation_steps)
-    dataset = make_hf_dataset(cfg.dataset, *data_args) if cfg.dataset else make_dataset(urls, *data_args)
+    dataset = (make_hf_dataset(cfg.dataset, *data_args) if cfg.dataset
+               else make_dataset(urls, *data_args, latents=use_latents))
     loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
     validation_urls = expand_shards(cfg.validation_shards) if cfg.validation_shards else urls
     validation = (_validation_batch(validation_urls, cfg) if validation_urls and cfg.num_validation_images
@@ -262,8 +273,11 @@ def _step(batch, cfg, frozen, unet, controlnet, dropout, device, dtype, log=prin
         log("note: these shards do not record each sample's original size and crop offset (json orig_width/"
             "orig_height, crop_top/crop_left); SDXL's time_ids use the image size and no crop for those")
     with torch.no_grad():
-        latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
-        latents = (latents * vae.config.scaling_factor).float()
+        if "latents" in batch:  # cached at build time: mean x scaling factor
+            latents = batch["latents"].to(device).float()
+        else:
+            latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
+            latents = (latents * vae.config.scaling_factor).float()
         hidden, added = frozen.family.conditioning(frozen, dropout(batch["text"]), device, sizes,
                                                    (cfg.resolution, cfg.resolution))
     noise = torch.randn_like(latents)
