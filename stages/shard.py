@@ -35,6 +35,7 @@ class Sample:
     crop_left: int = 0
     phash: str | None = None  # perceptual hash, when the build looks for near-duplicates
     latents: bytes | None = None  # KEY.latents.npy (build --latents)
+    bucket: tuple[int, int] | None = None  # (width, height) aspect bucket, keep_ratio builds
     latents_info: dict[str, Any] | None = None
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from . import annotators as annotator_registry
 from .captioner import BlipCaptioner, CaptionModelError
 from .decode import Rejected, ResizeSpec, coverage, decode_and_resize, decode_rgb, encode_jpeg, encode_png
+from .buckets import bucket_for
 from .http_fetch import FetchError, HttpOptions
 from .near_duplicates import phash
 from .readers import fetch
@@ -95,7 +96,8 @@ class ReadDecode(Step):
             height, width = decoded.image.shape[:2]
             sample = Sample(key, ref.source, sha, jpg, width, height, decoded.orig_width, decoded.orig_height,
                             meta={k: v for k, v in got.meta.items() if k not in ("conditions", "caption")},
-                            crop_top=decoded.crop_top, crop_left=decoded.crop_left)
+                            crop_top=decoded.crop_top, crop_left=decoded.crop_left,
+                            bucket=bucket_for(width, height, cfg.resolution) if cfg.resize_mode == "keep_ratio" else None)
             if cfg.near_duplicates is not None:
                 with timed(work, "phash"):
                     sample.phash = phash(decoded.image)

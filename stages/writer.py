@@ -58,6 +58,8 @@ def sample_json(sample: Sample, build_seed: int) -> dict[str, Any]:
     })
     if sample.latents_info is not None:
         meta["latents"] = sample.latents_info
+    if sample.bucket is not None:
+        meta["bucket"] = list(sample.bucket)
     return meta
 
 

@@ -46,6 +46,8 @@ class TrainConfig(BaseModel):
     dataloader_num_workers: int = Field(2, ge=0)
     flip: bool | None = Field(None, description="random horizontal flips; None = on, except for openpose (and off "
                               "when cached latents are used)")
+    buckets: bool = Field(False, description="batch by the aspect buckets a keep_ratio build recorded (every batch "
+                          "one size) instead of square crops")
     cached_latents: bool = Field(True, description="use the shards' KEY.latents.npy when they were made with this "
                                  "base's VAE at this resolution (no VAE encoder in the loop); false = always encode")
 

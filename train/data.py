@@ -86,20 +86,22 @@ def _rgb(image) -> np.ndarray:
 
 
 def joint_crop_flip(image: np.ndarray, condition: np.ndarray, resolution: int, rng: random.Random,
-                    flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Resize both so the short side is `resolution`, then one random crop and flip for both."""
+                    flip: bool, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Resize both so that they cover `size` (width, height; default a `resolution` square),
+    then one random crop and flip for both."""
     import cv2
 
+    out_w, out_h = size or (resolution, resolution)
     height, width = image.shape[:2]
-    if min(height, width) != resolution:
-        scale = resolution / min(height, width)
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-        condition = cv2.resize(condition, size, interpolation=cv2.INTER_NEAREST)
+    scale = max(out_w / width, out_h / height)
+    if abs(scale - 1) > 1e-9:
+        new = (max(out_w, round(width * scale)), max(out_h, round(height * scale)))
+        image = cv2.resize(image, new, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+        condition = cv2.resize(condition, new, interpolation=cv2.INTER_NEAREST)
         height, width = image.shape[:2]
-    top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
-    image = image[top:top + resolution, left:left + resolution]
-    condition = condition[top:top + resolution, left:left + resolution]
+    top, left = rng.randint(0, height - out_h), rng.randint(0, width - out_w)
+    image = image[top:top + out_h, left:left + out_w]
+    condition = condition[top:top + out_h, left:left + out_w]
     if flip and rng.random() < 0.5:
         image, condition = image[:, ::-1], condition[:, ::-1]
     return image, condition
@@ -115,9 +117,11 @@ def to_tensors(image: np.ndarray, condition: np.ndarray) -> tuple[torch.Tensor, 
 class Augment:
     """One seeded RNG per (rank, worker): the stream is a function of the seed alone."""
 
-    def __init__(self, condition: str, resolution: int, flip: bool, seed: int, latents: bool = False):
+    def __init__(self, condition: str, resolution: int, flip: bool, seed: int, latents: bool = False,
+                 buckets: bool = False):
         self.condition, self.resolution, self.flip, self.seed = condition, resolution, flip, seed
         self.latents = latents  # pass KEY.latents.npy through (the image is then not cropped or flipped)
+        self.buckets = buckets  # crop to the sample's recorded aspect bucket instead of a square
 
     def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
@@ -130,7 +134,10 @@ class Augment:
                                f"set --condition to one the shards have")
             image = _rgb(sample["jpg"])
             size = recorded_size(sample.get("json"), image.shape[:2])
-            image, cond = joint_crop_flip(image, _rgb(sample[member]), self.resolution, rng, self.flip)
+            bucket = _bucket(sample.get("json"), self.resolution) if self.buckets else None
+            image, cond = joint_crop_flip(image, _rgb(sample[member]), self.resolution, rng, self.flip, bucket)
+            if bucket is not None:
+                size["bucket"] = bucket
             pixels, cond = to_tensors(image, cond)
             item = {"pixel_values": pixels, "conditioning_pixel_values": cond, "text": sample.get("txt", ""), **size}
             if self.latents:
@@ -139,6 +146,43 @@ class Augment:
                                    f"though the run uses cached latents (pass --no-cached-latents)")
                 item["latents"] = torch.from_numpy(np.asarray(sample["latents.npy"], dtype=np.float32))
             yield item
+
+
+def _bucket(meta: Any, resolution: int) -> tuple[int, int]:
+    """The sample's recorded (width, height) bucket (keep_ratio builds), else a square."""
+    import json
+
+    if isinstance(meta, (bytes, str)):
+        meta = json.loads(meta)
+    bucket = meta.get("bucket") if isinstance(meta, dict) else None
+    return (int(bucket[0]), int(bucket[1])) if bucket else (resolution, resolution)
+
+
+class BucketBatches:
+    """Batches of one size: a streaming buffer per bucket; a buffer that reaches the batch
+    size is emitted. When a finite stream ends, the part-filled buffers are emitted as
+    smaller batches (`partial`) or dropped, and either way it is said."""
+
+    def __init__(self, batch_size: int, partial: bool = True, log=print):
+        self.batch_size, self.partial, self.log = batch_size, partial, log
+
+    def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        buffers: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for sample in source:
+            key = sample.get("bucket") or tuple(sample["pixel_values"].shape[-1:-3:-1])
+            buffer = buffers.setdefault(key, [])
+            buffer.append(sample)
+            if len(buffer) == self.batch_size:
+                yield collate(buffer)
+                buffers[key] = []
+        left = {k: len(v) for k, v in buffers.items() if v}
+        if left:
+            what = ", ".join(f"{n} of {w}x{h}" for (w, h), n in sorted(left.items()))
+            self.log(f"end of the data: {'smaller last batches' if self.partial else 'dropped'}: {what}")
+            if self.partial:
+                for buffer in buffers.values():
+                    if buffer:
+                        yield collate(buffer)
 
 
 def recorded_size(meta: Any, shape: tuple[int, int]) -> dict[str, Any]:
@@ -190,7 +234,8 @@ class SkipBatches:
 
 
 def make_dataset(urls: list[str], condition: str, resolution: int, batch_size: int, seed: int,
-                 shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0, latents: bool = False):
+                 shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0, latents: bool = False,
+                 buckets: bool = False):
     import webdataset as wds
 
     return wds.DataPipeline(
@@ -198,8 +243,8 @@ def make_dataset(urls: list[str], condition: str, resolution: int, batch_size: i
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
         wds.decode("pil", handler=wds.warn_and_continue),
-        Augment(condition, resolution, flip and not latents, seed, latents),
-        wds.batched(batch_size, collation_fn=collate, partial=False),
+        Augment(condition, resolution, flip and not latents, seed, latents, buckets),
+        BucketBatches(batch_size) if buckets else wds.batched(batch_size, collation_fn=collate, partial=False),
         SkipBatches(skip_batches),
     )
 

@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     data_args = (cfg.condition, cfg.resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer, cfg.flip_enabled,
                  global_step * cfg.gradient_accumulation_steps)
     dataset = (make_hf_dataset(cfg.dataset, *data_args) if cfg.dataset
-               else make_dataset(urls, *data_args, latents=use_latents))
+               else make_dataset(urls, *data_args, latents=use_latents, buckets=cfg.buckets))
     loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
     validation_urls = expand_shards(cfg.validation_shards) if cfg.validation_shards else urls
     validation = (_validation_batch(validation_urls, cfg) if validation_urls and cfg.num_validation_images
@@ -279,7 +279,7 @@ def _step(batch, cfg, frozen, unet, controlnet, dropout, device, dtype, log=prin
             latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
             latents = (latents * vae.config.scaling_factor).float()
         hidden, added = frozen.family.conditioning(frozen, dropout(batch["text"]), device, sizes,
-                                                   (cfg.resolution, cfg.resolution))
+                                                   tuple(batch["pixel_values"].shape[-2:]))  # (h, w): buckets too
     noise = torch.randn_like(latents)
     timesteps = sample_timesteps(cfg.timestep_sampling, latents.shape[0], noise_scheduler.config.num_train_timesteps,
                                  device)
