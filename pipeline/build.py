@@ -161,6 +161,13 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     captioning, caption_gpus, caption_actors = _captioner_plan(cfg, refs)
     if captioning and todo:
         preflight_caption_model(cfg.caption_model)
+    if cfg.min_clip_score is not None and todo:
+        from stages.clip_score import ClipScorer
+
+        try:
+            ClipScorer(cfg.clip_model, "cpu").setup()
+        except ValueError as exc:
+            raise BuildError(f"--min-clip-score: {exc}") from None
     if cfg.latents and todo:  # a wrong model fails here, named, before any shard
         from stages.latents import LatentEncoder
 
@@ -241,6 +248,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "(float16, mean x scaling factor); the trainer uses them when they match its base")
     add("--min-condition-coverage", type=float, metavar="F", help="reject a sample when a condition map has less "
         "than F of its pixels non-zero (reason empty_condition; off by default)")
+    add("--min-clip-score", type=float, metavar="S", help="reject samples whose CLIP image-caption score "
+        "(100 x cosine) is below S (reason low_clip_score; off by default); model: --clip-model")
+    add("--clip-model", help="CLIPModel folder or hub id for --min-clip-score (default openai/clip-vit-base-patch32)")
     add("--min-depth-std", type=float, metavar="S", help="reject depth maps whose std (0-255) is below S (reason "
         "flat_depth; off by default). For openpose maps with nobody: annotator_params openpose keep_empty: false")
     add("--near-duplicates", type=int, metavar="N", help="reject images within pHash Hamming distance N of an earlier "

@@ -23,7 +23,7 @@ CONTENT_FIELDS = (
     "conditions", "resolution", "resize_mode", "min_size", "max_aspect", "max_pixels",
     "samples_per_shard", "caption_model", "caption_prompt", "caption_max_tokens",
     "caption_beams", "keep_captions", "seed", "jpeg_quality", "annotator_params",
-    "min_condition_coverage", "near_duplicates", "min_depth_std", "latents",
+    "min_condition_coverage", "near_duplicates", "min_depth_std", "latents", "min_clip_score", "clip_model",
 )
 
 
@@ -63,6 +63,9 @@ class BuildConfig(BaseModel):
                                 "stored image into KEY.latents.npy, so training skips the VAE encoder")
     min_condition_coverage: float | None = Field(None, ge=0, le=1, description="reject a sample when a condition "
                                                  "map has less than this share of non-zero pixels (empty_condition)")
+    min_clip_score: float | None = Field(None, ge=0, le=100, description="reject samples whose CLIP image-caption "
+                                         "score (100 x cosine) is below this (low_clip_score)")
+    clip_model: str = Field("openai/clip-vit-base-patch32", description="CLIPModel (folder or hub id) for min_clip_score")
     min_depth_std: float | None = Field(None, ge=0, description="reject a depth map whose standard deviation "
                                         "(0-255 scale) is below this: a flat map teaches nothing (flat_depth)")
     near_duplicates: int | None = Field(None, ge=0, le=31, description="reject images within this pHash Hamming "

@@ -273,6 +273,34 @@ def _check_condition(condition: np.ndarray, image: np.ndarray, annotator) -> Non
                          f"expected {np.dtype(annotator.dtype)} {expected}")
 
 
+class ClipGate(Step):
+    """--min-clip-score: drop samples whose caption does not describe the picture (CLIP
+    image-caption score below the floor), each with its score; an actor on a GPU."""
+
+    name = "clip_score"
+
+    def __init__(self, cfg, num_gpus: float = 0.0):
+        from .clip_score import ClipScorer
+
+        self.cfg, self.num_gpus, self.actor = cfg, num_gpus, num_gpus > 0
+        self.scorer = ClipScorer(cfg.clip_model, "cuda" if num_gpus > 0 else None)
+
+    def __call__(self, work: ShardWork) -> ShardWork:
+        if not work.samples:
+            return work
+        with timed(work, "clip_score"):
+            scores = self.scorer([decode_rgb(s.jpg) for s in work.samples], [s.caption or "" for s in work.samples])
+        floor, kept = self.cfg.min_clip_score, []
+        for sample, score in zip(work.samples, scores):
+            if score < floor:
+                work.reject(sample.source, "clip_score", "low_clip_score",
+                            f"CLIP score {score:.2f} below min_clip_score={floor:g} for caption {sample.caption!r}")
+            else:
+                kept.append(sample)
+        work.samples = kept
+        return work
+
+
 class EncodeLatents(Step):
     """The VAE latents of every stored image (build --latents MODEL), batched; a GPU actor
     when the cluster has GPUs."""
@@ -322,6 +350,8 @@ def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0, annota
         steps.append(Annotate(cfg, networks, annotator_num_gpus))
     if needs_captioner:
         steps.append(Caption(cfg, caption_num_gpus))
+    if getattr(cfg, "min_clip_score", None) is not None:
+        steps.append(ClipGate(cfg, annotator_num_gpus or caption_num_gpus))
     if getattr(cfg, "latents", None):
         steps.append(EncodeLatents(cfg, annotator_num_gpus or caption_num_gpus))
     steps.append(WriteShard(cfg))

@@ -102,3 +102,36 @@ def test_flat_depth_maps_are_rejected_and_varied_ones_kept():
         kept = step._store(work, sample, "depth", describe, image, 0, (depth, {}))
         assert kept == (name == "varied.jpg")
     assert [(e["source"], e["error"]) for e in work.errors] == [("flat.jpg", "flat_depth")]
+
+
+def test_low_clip_score_gate_plumbing(tmp_path):
+    """With a tiny random-weight CLIP the scores mean nothing, so this checks the plumbing
+    (scores per sample, the floor, the reason and the score in errors.jsonl, the rest kept),
+    not whether mismatched captions score low: the floor is set between measured scores."""
+    import numpy as np
+
+    from stages.clip_score import ClipScorer
+    from tiny_models import make_tiny_clip
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    folder = tmp_path / "in"
+    photos = write_synthetic(folder, 6, size=(96, 96))
+    captions = ["a red square", "a photo of a dog", "blue gradient", "text", "a cat on a sofa", "squares"]
+    for photo, caption in zip(photos, captions):
+        photo.with_suffix(".txt").write_text(caption)
+    plain, _ = build(folder, tmp_path / "plain", keep_captions=True)  # what the gate will see: the stored images
+    import webdataset as wds
+
+    stored = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "plain" / "shards").glob("*.tar")),
+                                 shardshuffle=False, empty_check=False).decode("rgb8"))
+    scores = dict(zip((Path(s["json"]["source"]).name for s in stored),
+                      ClipScorer(str(clip), "cpu")([s["jpg"] for s in stored], [s["txt"] for s in stored])))
+    distinct = sorted(set(scores.values()))
+    assert len(distinct) >= 2, f"the random CLIP gives one score to all: {scores}"
+    floor = (distinct[0] + distinct[1]) / 2
+    manifest, errors = build(folder, tmp_path / "out", keep_captions=True, min_clip_score=floor,
+                             clip_model=str(clip))
+    low = {name for name, s in scores.items() if s < floor}
+    assert low and {n for n, e in errors.items() if e["error"] == "low_clip_score"} == low
+    assert manifest["samples"] == plain["samples"] - len(low)
+    assert all("CLIP score" in errors[n]["message"] for n in low)

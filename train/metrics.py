@@ -111,19 +111,9 @@ def keypoint_distance(reference: list, predicted: list) -> float | None:
 def clip_score(images, prompts: list[str], model: str) -> float:
     """100 x cosine similarity of CLIP image and text embeddings (>= 0), averaged; `model`
     is a local folder or hub id of a transformers CLIPModel."""
-    import torch
-    from transformers import CLIPModel, CLIPProcessor
+    from stages.clip_score import ClipScorer
 
-    processor = CLIPProcessor.from_pretrained(model)
-    clip = CLIPModel.from_pretrained(model).eval()
-    inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True, truncation=True)
-    with torch.no_grad():
-        image_emb = clip.get_image_features(pixel_values=inputs["pixel_values"])
-        text_emb = clip.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-    image_emb = getattr(image_emb, "pooler_output", image_emb)
-    text_emb = getattr(text_emb, "pooler_output", text_emb)
-    cos = torch.nn.functional.cosine_similarity(image_emb, text_emb)
-    return float((100 * cos.clamp(min=0)).mean())
+    return float(np.mean(ClipScorer(model, "cpu")(list(images), prompts)))
 
 
 @dataclass(frozen=True)
