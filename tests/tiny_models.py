@@ -173,3 +173,36 @@ def make_tiny_sdxl(folder: str | Path) -> Path:
                               tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler
                               ).save_pretrained(folder)
     return folder
+
+
+def make_tiny_sd3(folder: str | Path) -> Path:
+    """An SD3-shaped pipeline folder from tiny configs, random weights: an MMDiT transformer
+    (2 layers, patch 2), two CLIP text encoders with projections (hidden 16 each, so their
+    concatenation fills joint_attention_dim 32; pooled 2 x 16 = 32), no T5 (diffusers then
+    uses zeros in its place, as for SD3 without T5), a VAE with SD3's shift factor."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tokenizers = [make_tiny_clip_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2")]
+
+    def encoder():
+        tok = tokenizers[0]
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id, projection_dim=16))
+
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=64, shift_factor=0.0609, scaling_factor=1.5305,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=encoder(), tokenizer=tokenizers[0], text_encoder_2=encoder(),
+                             tokenizer_2=tokenizers[1], text_encoder_3=None, tokenizer_3=None).save_pretrained(folder)
+    return folder

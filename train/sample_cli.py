@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .sampler import DEFAULT_PROMPT, MODES, Control, sample
+from .sampler import DEFAULT_PROMPT, MODES, Control, SampleResult, sample
 
 PROMPT_MODES = ("none", "default", "auto", "user")
 
@@ -102,13 +102,34 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     unet, vae = frozen.unet.to(device, dtype), frozen.vae.to(device)
     for encoder in frozen.text_encoders:
         encoder.to(device)
+    through_pipeline = hasattr(frozen.family, "loss")  # flow-matching families: the diffusers pipeline samples
+    if args.mode is None:
+        args.mode = "both" if through_pipeline else "paper"
+    if through_pipeline and args.mode != "both":
+        raise ValueError(f"--mode {args.mode}: {frozen.family.NAME} samples through diffusers' "
+                         f"{frozen.family.PIPELINE}, which puts the control in both CFG branches: use --mode both")
     scheduler = DDIMScheduler.from_pretrained(args.pretrained_model, subfolder="scheduler")
-    nets = [ControlNetModel.from_pretrained(p).to(device, dtype).eval() for p in args.controlnet or []]
+    net_class = ControlNetModel
+    if frozen.family.NAME == "sd3":
+        from diffusers import SD3ControlNetModel as net_class
+    nets = []
+    for path in args.controlnet or []:
+        try:
+            nets.append(net_class.from_pretrained(path).to(device, dtype).eval())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a ControlNet for this {frozen.family.NAME} base "
+                             f"(made for another kind of base model?): {str(exc)[:200]}") from None
     for path, net in zip(args.controlnet or [], nets):
         families.check_controlnet(frozen, net, path)
 
     def encode(prompts: list[str]):
         return frozen.family.conditioning(frozen, prompts, device, None, (args.resolution, args.resolution))
+
+    pipe = None
+    if through_pipeline:
+        if len(nets) > 1:
+            raise ValueError(f"{frozen.family.NAME}: one --controlnet at a time")
+        pipe = _family_pipeline(frozen, nets[0] if nets else None, device, dtype)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     scales = args.scale or [1.0] * len(nets)
@@ -133,6 +154,14 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
         captioner = BlipCaptioner(args.caption_model, max_new_tokens=30)
     def generate(conditions: list[list[Image.Image]], prompts: list[str], seeds: list[int]):
         """One batch: each ControlNet gets its conditions stacked; each sample its own seed."""
+        if pipe is not None:
+            control = ({frozen.family.CONTROL_IMAGE_ARG: [c[0].convert("RGB") for c in conditions],
+                        "controlnet_conditioning_scale": scales[0]} if nets else {})
+            images = pipe(prompt=prompts, negative_prompt=[args.negative_prompt] * len(prompts), **control,
+                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=args.resolution,
+                          width=args.resolution, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                          **getattr(frozen.family, "EXTRA_PIPELINE_ARGS", {})).images
+            return SampleResult(images, [])
         controls = [Control(net, torch.cat([_tensor(c[k], args.resolution) for c in conditions]).to(device, dtype), s)
                     for k, (net, s) in enumerate(zip(nets, scales))]
         return sample(unet, vae, None, None, scheduler, controls, prompts, args.negative_prompt,
@@ -164,6 +193,17 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     contact_sheet(rows).save(out / "contact_sheet.png")
     log(f"wrote {len(records)} samples and contact_sheet.png to {out}")
     return records
+
+
+def _family_pipeline(frozen, controlnet, device, dtype):
+    """The family's diffusers pipeline (with the ControlNet, or the base's own without)."""
+    if controlnet is not None:
+        pipe = frozen.family.pipeline(frozen, frozen.unet, controlnet, frozen.family.sampling_scheduler(frozen))
+    else:
+        pipe = frozen.family._prompt_pipeline(frozen)
+        pipe.scheduler = frozen.family.sampling_scheduler(frozen)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
 
 
 def run_eval(folder: str, condition: str, annotator_params: dict | None = None, clip_model: str | None = None,
@@ -239,7 +279,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     add("--prompt", help="the prompt for --prompt-mode user")
     add("--negative-prompt", default="")
     add("--caption-model", default="Salesforce/blip-image-captioning-base", help="BLIP for --prompt-mode auto")
-    add("--mode", choices=MODES, default="paper", help="guidance weighting (default paper): paper = control in the "
+    add("--mode", choices=MODES, default=None, help="guidance weighting (default paper; both for SD3): paper = control in the "
         "conditional branch weighted by resolution; lllyasviel, diffusers = other weightings; both = both branches; "
         "uncond = unconditional branch only; --guidance-scale 1 = no CFG")
     add("--steps", type=int, default=20, help="DDIM steps (default 20)")

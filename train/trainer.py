@@ -71,8 +71,9 @@ def make_controlnet(unet, controlnet: str | None = None, vae_scale_factor: int =
     if controlnet:
         try:
             return ControlNetModel.from_pretrained(controlnet)
-        except (OSError, ValueError) as exc:
-            raise TrainError(f"cannot load ControlNet {controlnet!r}: {exc}") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise TrainError(f"cannot load ControlNet {controlnet!r} (made for another kind of base model?): "
+                             f"{type(exc).__name__}: {str(exc)[:200]}") from None
     levels = int(round(math.log2(vae_scale_factor)))
     if 2 ** levels != vae_scale_factor or levels < 1:
         raise TrainError(f"the VAE's downsampling factor {vae_scale_factor} is not a power of two >= 2")
@@ -132,7 +133,12 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     try:
         frozen = families.load(cfg.pretrained_model, weight_dtype)
         families.check_resolution(frozen, cfg.resolution)
-        controlnet = make_controlnet(frozen.unet, cfg.controlnet, frozen.vae_scale_factor, cfg.controlnet_init)
+        if hasattr(frozen.family, "check"):
+            frozen.family.check(frozen, cfg)
+        if hasattr(frozen.family, "make_controlnet"):
+            controlnet = frozen.family.make_controlnet(frozen, cfg.controlnet, cfg.controlnet_init)
+        else:
+            controlnet = make_controlnet(frozen.unet, cfg.controlnet, frozen.vae_scale_factor, cfg.controlnet_init)
         if cfg.controlnet:
             families.check_controlnet(frozen, controlnet, cfg.controlnet)
     except families.FamilyError as exc:
@@ -176,7 +182,9 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         global_step = json.loads((resume_from / "controlforge_state.json").read_text())["global_step"]
         log(f"resumed from {resume_from} at step {global_step}")
     use_latents = False
-    if urls and cfg.cached_latents:
+    if urls and cfg.cached_latents and getattr(vae.config, "shift_factor", None):
+        log("not using cached latents: this base's VAE has a shift factor that they do not include; encoding")
+    elif urls and cfg.cached_latents:
         latent_shape = [vae.config.latent_channels, *(cfg.resolution // frozen.vae_scale_factor,) * 2]
         use_latents, why = cached_latents_match(urls, cfg.pretrained_model, vae.config.scaling_factor, latent_shape,
                                                 cfg.resolution)
@@ -205,7 +213,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         if global_step >= cfg.max_train_steps:
             break
         with accelerator.accumulate(controlnet):
-            loss = _step(batch, cfg, frozen, unet, controlnet, dropout, device, weight_dtype, log)
+            step_loss = getattr(frozen.family, "loss", _step)  # flow-matching families bring their own
+            loss = step_loss(batch, cfg, frozen, unet, controlnet, dropout, device, weight_dtype, log)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
@@ -380,16 +389,18 @@ def run_validation(batch, cfg, accelerator, frozen, unet, controlnet, step, dtyp
     from diffusers import DDIMScheduler
     from PIL import Image
 
-    pipe = frozen.family.pipeline(frozen, accelerator.unwrap_model(unet), accelerator.unwrap_model(controlnet),
-                                  DDIMScheduler.from_config(frozen.scheduler.config))  # no reload per validation
+    scheduler = (frozen.family.sampling_scheduler(frozen) if hasattr(frozen.family, "sampling_scheduler")
+                 else DDIMScheduler.from_config(frozen.scheduler.config))  # no reload from disk per validation
+    pipe = frozen.family.pipeline(frozen, accelerator.unwrap_model(unet), accelerator.unwrap_model(controlnet), scheduler)
     pipe.set_progress_bar_config(disable=True)
     conditions = [Image.fromarray((c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
                   for c in batch["conditioning_pixel_values"]]
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     with torch.autocast(accelerator.device.type, enabled=dtype != torch.float32):
-        images = pipe(prompt=batch["text"], image=conditions, num_inference_steps=cfg.validation_inference_steps,
+        control = {getattr(frozen.family, "CONTROL_IMAGE_ARG", "image"): conditions}
+        images = pipe(prompt=batch["text"], **control, num_inference_steps=cfg.validation_inference_steps,
                       guidance_scale=cfg.validation_guidance_scale, generator=generator, height=cfg.resolution,
-                      width=cfg.resolution).images
+                      width=cfg.resolution, **getattr(frozen.family, "EXTRA_PIPELINE_ARGS", {})).images
     size = cfg.resolution
     grid = Image.new("RGB", (2 * size, len(images) * size))
     for row, (cond, image) in enumerate(zip(conditions, images)):

@@ -46,8 +46,10 @@ FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLControlNetPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3ControlNetPipeline": "sd3",
 }
-NOT_YET = {"StableDiffusion3Pipeline": "SD3", "FluxPipeline": "Flux"}
+NOT_YET = {"FluxPipeline": "Flux", "FluxControlNetPipeline": "Flux"}
 
 
 def pipeline_class_name(pretrained: str) -> str | None:
@@ -74,7 +76,7 @@ def detect(pretrained: str):
     name = pipeline_class_name(pretrained)
     if name in NOT_YET:
         raise FamilyError(f"{pretrained}: {name} ({NOT_YET[name]}) bases are not supported by the trainer yet; "
-                          f"supported: SD 1.x/2.x and SDXL ({', '.join(sorted(FAMILIES))})")
+                          f"supported: SD 1.x/2.x, SDXL and SD3 ({', '.join(sorted(FAMILIES))})")
     if name is not None and name not in FAMILIES:
         raise FamilyError(f"{pretrained}: unknown base model type {name!r}; supported: {', '.join(sorted(FAMILIES))}")
     return importlib.import_module(f"{__name__}.{FAMILIES.get(name, 'sd')}")
@@ -85,7 +87,9 @@ def load(pretrained: str, dtype: torch.dtype) -> Frozen:
 
 
 def check_resolution(frozen: Frozen, resolution: int) -> None:
-    """The latent must halve evenly through every UNet level."""
+    """The latent must halve evenly through every UNet level (or split into patches)."""
+    if hasattr(frozen.family, "check_resolution"):
+        return frozen.family.check_resolution(frozen, resolution)
     levels = len(frozen.unet.config.down_block_types) - 1
     step = frozen.vae_scale_factor * 2 ** levels
     if resolution % step:
@@ -95,6 +99,11 @@ def check_resolution(frozen: Frozen, resolution: int) -> None:
 
 def check_controlnet(frozen: Frozen, controlnet, where: str) -> None:
     """A ControlNet made for another family (or another base size) fails here, named."""
+    if hasattr(frozen.family, "check_controlnet"):
+        return frozen.family.check_controlnet(frozen, controlnet, where)
+    if type(controlnet).__name__ != "ControlNetModel":
+        raise FamilyError(f"{where}: this ControlNet was made for another kind of base model "
+                          f"({type(controlnet).__name__}; the base {frozen.pretrained} is {frozen.family.NAME})")
     unet, net = frozen.unet.config, controlnet.config
     for key in ("cross_attention_dim", "addition_embed_type", "in_channels"):
         if net.get(key) != unet.get(key):

@@ -1,0 +1,183 @@
+"""SD3: an MMDiT transformer with flow matching. Two CLIP text encoders with projections
+(and T5 when the base has it; without it the pipeline's zeros stand in, as diffusers does),
+prompts encoded by the diffusers pipeline's own `encode_prompt`; the ControlNet is
+`SD3ControlNetModel.from_transformer`, and it sees the condition as VAE latents. Training
+follows diffusers' SD3 ControlNet script: logit-normal timestep density, noisy = (1 - s) x
++ s noise, target noise - x, SD3 loss weighting."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import FamilyError, Frozen, load_error
+
+NAME = "sd3"
+PIPELINE = "StableDiffusion3ControlNetPipeline"
+MAX_SEQUENCE_LENGTH = 77  # T5 tokens, as diffusers' SD3 ControlNet training script
+UNET_ONLY = ("unlock_decoder", "only_mid_control")
+
+
+def load(pretrained: str, dtype: torch.dtype) -> Frozen:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    try:
+        tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+        encoders = [CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=s)
+                    for s in ("text_encoder", "text_encoder_2")]
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
+        transformer = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise load_error(pretrained, exc, "stabilityai/stable-diffusion-3-medium-diffusers") from None
+    t5 = _load_t5(pretrained)
+    if t5 is not None:
+        tokenizers.append(t5[0])
+        encoders.append(t5[1])
+    for module in (*encoders, vae, transformer):
+        module.requires_grad_(False)
+        module.eval()
+    return Frozen(sys.modules[__name__], pretrained, tokenizers, [e.to(dtype) for e in encoders], vae.to(dtype),
+                  transformer, scheduler)
+
+
+def _load_t5(pretrained: str):
+    import os
+
+    if not os.path.isdir(os.path.join(pretrained, "text_encoder_3")):
+        return None
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    return (AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_3"),
+            T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3"))
+
+
+def _prompt_pipeline(frozen: Frozen):
+    """The diffusers pipeline object, only for its encode_prompt (made once)."""
+    pipe = getattr(frozen, "_prompt_pipe", None)
+    if pipe is None:
+        from diffusers import StableDiffusion3Pipeline
+
+        third = len(frozen.text_encoders) > 2
+        pipe = StableDiffusion3Pipeline(
+            transformer=frozen.unet, scheduler=frozen.scheduler, vae=frozen.vae,
+            text_encoder=frozen.text_encoders[0], tokenizer=frozen.tokenizers[0],
+            text_encoder_2=frozen.text_encoders[1], tokenizer_2=frozen.tokenizers[1],
+            text_encoder_3=frozen.text_encoders[2] if third else None, tokenizer_3=frozen.tokenizers[2] if third else None)
+        frozen._prompt_pipe = pipe
+    return pipe
+
+
+def conditioning(frozen: Frozen, prompts: list[str], device, sizes: Any = None,
+                 target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    embeds, _, pooled, _ = _prompt_pipeline(frozen).encode_prompt(
+        prompts, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return embeds, {"pooled_projections": pooled}
+
+
+def make_controlnet(frozen: Frozen, controlnet: str | None, init: str):
+    from diffusers import SD3ControlNetModel
+
+    if controlnet:
+        try:
+            return SD3ControlNetModel.from_pretrained(controlnet)
+        except (OSError, ValueError, TypeError) as exc:
+            raise FamilyError(f"cannot load {controlnet!r} as an SD3 ControlNet (made for another kind of base model?): "
+                              f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    transformer = frozen.unet
+    # the first blocks (at most 12, as diffusers does; never the last, which differs: context_pre_only)
+    net = SD3ControlNetModel.from_transformer(transformer, num_layers=max(1, min(12, transformer.config.num_layers - 1)),
+                                              num_extra_conditioning_channels=0)
+    # the condition latent gets the VAE shift and the ControlNet the pooled prompt, as in training below
+    net.register_to_config(force_zeros_for_pooled_projection=False)
+    if init == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            for layer in (*net.controlnet_blocks, net.pos_embed_input.proj):
+                layer.reset_parameters()
+    elif init != "zero":
+        raise FamilyError(f"controlnet init must be 'zero' or 'random', got {init!r}")
+    return net
+
+
+def check(frozen: Frozen, cfg) -> None:
+    for name in UNET_ONLY:
+        if getattr(cfg, name, False):
+            raise FamilyError(f"--{name.replace('_', '-')} applies to UNet bases (SD, SDXL), not SD3")
+
+
+def check_resolution(frozen: Frozen, resolution: int) -> None:
+    step = frozen.vae_scale_factor * frozen.unet.config.patch_size
+    if resolution % step:
+        raise FamilyError(f"resolution {resolution} does not fit {frozen.pretrained}: it must be a multiple of {step} "
+                          f"(VAE factor {frozen.vae_scale_factor} x patch size {frozen.unet.config.patch_size})")
+
+
+def check_controlnet(frozen: Frozen, controlnet, where: str) -> None:
+    if type(controlnet).__name__ != "SD3ControlNetModel":
+        raise FamilyError(f"{where}: this ControlNet was made for another kind of base model "
+                          f"({type(controlnet).__name__}, the base {frozen.pretrained} is SD3)")
+    for key in ("joint_attention_dim", "in_channels", "patch_size"):
+        if controlnet.config.get(key) != frozen.unet.config.get(key):
+            raise FamilyError(f"{where}: this ControlNet was made for another SD3 base ({key} "
+                              f"{controlnet.config.get(key)!r} vs {frozen.unet.config.get(key)!r})")
+
+
+def encode_latents(vae, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+    dist = vae.encode(pixels).latent_dist
+    latents = dist.sample() if sample else dist.mode()
+    return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def loss(batch, cfg, frozen: Frozen, transformer, controlnet, dropout, device, dtype, log=print) -> torch.Tensor:
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    vae, scheduler = frozen.vae, frozen.scheduler
+    with torch.no_grad():
+        if "latents" in batch:
+            latents = batch["latents"].to(device).float()
+        else:
+            latents = encode_latents(vae, batch["pixel_values"].to(device, dtype)).float()
+        condition = encode_latents(vae, (batch["conditioning_pixel_values"] * 2 - 1).to(device, dtype)).float()
+        embeds, added = conditioning(frozen, dropout(batch["text"]), device)
+    noise = torch.randn_like(latents)
+    u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0)
+    indices = (u * scheduler.config.num_train_timesteps).long().clamp(0, scheduler.config.num_train_timesteps - 1)
+    timesteps = scheduler.timesteps[indices].to(device)
+    sigmas = scheduler.sigmas.to(device)[indices].float().view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    pooled = added["pooled_projections"]
+    blocks = controlnet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds.float(),
+                        pooled_projections=pooled.float(), controlnet_cond=condition, return_dict=False)[0]
+    model_dtype = next(transformer.parameters()).dtype
+    prediction = transformer(hidden_states=noisy.to(model_dtype), timestep=timesteps,
+                             encoder_hidden_states=embeds.to(model_dtype), pooled_projections=pooled.to(model_dtype),
+                             block_controlnet_hidden_states=[b.to(model_dtype) for b in blocks], return_dict=False)[0]
+    weighting = compute_loss_weighting_for_sd3("logit_normal", sigmas=sigmas)
+    target = noise - latents
+    return (weighting.float() * (prediction.float() - target) ** 2).reshape(latents.shape[0], -1).mean(1).mean()
+
+
+def sampling_scheduler(frozen: Frozen):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(frozen.scheduler.config)
+
+
+def pipeline(frozen: Frozen, transformer, controlnet, scheduler):
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    third = len(frozen.text_encoders) > 2
+    return StableDiffusion3ControlNetPipeline(
+        transformer=transformer, scheduler=scheduler, vae=frozen.vae, text_encoder=frozen.text_encoders[0],
+        tokenizer=frozen.tokenizers[0], text_encoder_2=frozen.text_encoders[1], tokenizer_2=frozen.tokenizers[1],
+        text_encoder_3=frozen.text_encoders[2] if third else None, tokenizer_3=frozen.tokenizers[2] if third else None,
+        controlnet=controlnet)
+
+
+CONTROL_IMAGE_ARG = "control_image"
+EXTRA_PIPELINE_ARGS = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
