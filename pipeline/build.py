@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -20,12 +21,12 @@ if __package__ in (None, ""):  # `python pipeline/build.py`: make the repo impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import BuildConfig, ConfigError, load_config  # noqa: E402
-from pipeline.executors import init_ray, run_local, run_ray  # noqa: E402
+from pipeline.executors import init_ray, run_local, run_ray_windows  # noqa: E402
 from pipeline.summary import format_summary  # noqa: E402
 from stages.annotators import AnnotatorError, MissingWeightsError, create as create_annotators  # noqa: E402
 from stages.captioner import CaptionModelError  # noqa: E402
-from stages.readers import InputError, InputRef, list_inputs  # noqa: E402
-from stages.shard import plan_shards  # noqa: E402
+from stages.listing import open_listing  # noqa: E402
+from stages.readers import InputError, InputRef  # noqa: E402
 from stages.steps import make_steps  # noqa: E402
 from stages import writer  # noqa: E402
 from stages.lock import BuildLock, LockedError  # noqa: E402
@@ -49,19 +50,15 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def listing_digest(refs: list[InputRef]) -> str:
-    return hashlib.sha256("\n".join(r.source for r in refs).encode()).hexdigest()
-
-
-def _check_resumable(manifest: dict[str, Any], cfg: BuildConfig, refs: list[InputRef]) -> None:
+def _check_resumable(manifest: dict[str, Any], cfg: BuildConfig, listing) -> None:
     old = manifest.get("config", {})
     differ = [k for k, v in cfg.content_signature().items() if old.get(k) != v]
     if differ:
         raise BuildError(f"{cfg.output} was built with a different config ({', '.join(differ)} changed); "
                          "use a new --output, or --overwrite to replace it")
-    if manifest.get("listing_sha256") != listing_digest(refs):
-        raise BuildError(f"the inputs changed since {cfg.output} was started ({manifest.get('inputs')} -> "
-                         f"{len(refs)} inputs): shards would not line up; use a new --output, or --overwrite")
+    if manifest.get("listing_sha256") != listing.digest:
+        raise BuildError(f"the inputs changed since {cfg.output} was started: shards would not line up; "
+                         "use a new --output, or --overwrite")
 
 
 def _clear_output(out: Output) -> None:
@@ -135,60 +132,73 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     writer.remove_stale_temporaries(out)
 
     t0 = time.perf_counter()
-    refs = list_inputs(cfg.input, cfg.url_column, cfg.caption_column)
+    listing = open_listing(cfg.input, cfg.url_column, cfg.caption_column, cfg.samples_per_shard,
+                           peek=cfg.auto_local_max_inputs + 1)
     list_seconds = time.perf_counter() - t0
     if cfg.executor == "auto":
-        cfg = cfg.model_copy(update={"executor": choose_executor(cfg, len(refs))})
+        inputs_seen = listing.known_count if listing.known_count is not None else len(listing.first)
+        cfg = cfg.model_copy(update={"executor": choose_executor(cfg, inputs_seen)})
         log(f"executor: {cfg.executor} (auto; --executor ray or local to choose)")
-    works = plan_shards(refs, cfg.samples_per_shard)
     manifest = writer.load_manifest(out)
     if manifest is not None:
-        _check_resumable(manifest, cfg, refs)
+        _check_resumable(manifest, cfg, listing)
     else:
         manifest = {"schema_version": writer.SCHEMA_VERSION, "config": cfg.model_dump(mode="json"),
-                    "versions": package_versions(), "inputs": len(refs), "listing_sha256": listing_digest(refs),
+                    "versions": package_versions(), "inputs": listing.known_count, "listing_sha256": listing.digest,
                     "complete": False, "shards": []}
         writer.save_manifest(out, manifest)  # the config, for resume checks; shards are listed at the end
-    # finished shards: their completion markers (and, for builds made before markers, the manifest)
+    # finished shards: their completion markers (every controlforge build has written them)
     done = {f"{writer.SHARDS_DIR}/{name}.tar" for name in writer.completed_shards(out)}
-    done |= {e["name"] for e in manifest["shards"]}
-    todo = [w for w in works if f"{writer.SHARDS_DIR}/{w.name}.tar" not in done]
-    log(f"controlforge build: {len(refs)} inputs -> {len(works)} shards of up to {cfg.samples_per_shard} "
-        f"({len(works) - len(todo)} already done) into {Path(out.url).resolve() if out.local else out.url}")
+    pending = (w for w in listing.works if f"{writer.SHARDS_DIR}/{w.name}.tar" not in done)
+    first = next(pending, None)  # is there anything to do? (a streamed list is not read further here)
+    todo = itertools.chain([first], pending) if first is not None else iter(())
+    where = Path(out.url).resolve() if out.local else out.url
+    if listing.streamed:
+        log(f"controlforge build: streaming {cfg.input[0]} in shards of {cfg.samples_per_shard} rows "
+            f"({len(done)} shards already done) into {where}")
+    else:
+        log(f"controlforge build: {listing.count} inputs -> {len(listing.planned)} shards of up to "
+            f"{cfg.samples_per_shard} ({len(done)} already done) into {where}")
 
-    if cfg.executor == "ray" and todo:
+    todo_any = first is not None
+    if cfg.executor == "ray" and todo_any:
         init_ray(cfg.ray_address)
-    captioning, caption_gpus, caption_actors = _captioner_plan(cfg, refs)
-    if captioning and todo:
+    captioning, caption_gpus, caption_actors = _captioner_plan(cfg, listing.first)
+    if captioning and todo_any:
         preflight_caption_model(cfg.caption_model)
-    if cfg.min_clip_score is not None and todo:
+    if cfg.min_clip_score is not None and todo_any:
         from stages.clip_score import ClipScorer
 
         try:
             ClipScorer(cfg.clip_model, "cpu").setup()
         except ValueError as exc:
             raise BuildError(f"--min-clip-score: {exc}") from None
-    if cfg.latents and todo:  # a wrong model fails here, named, before any shard
+    if cfg.latents and todo_any:  # a wrong model fails here, named, before any shard
         from stages.latents import LatentEncoder
 
         try:
             LatentEncoder(cfg.latents, "cpu").setup()
         except ValueError as exc:
             raise BuildError(str(exc)) from None
-    if todo:
+    if todo_any:
         for annotator in annotators.values():
             annotator.check_weights()  # a missing file fails here, named, before any work
     steps = make_steps(cfg, captioning, caption_gpus, _annotator_gpus(cfg, annotators))
-    results = run_local(steps, todo) if cfg.executor == "local" else run_ray(steps, todo, cfg.num_cpus, caption_actors)
+    results = (run_local(steps, todo) if cfg.executor == "local"
+               else run_ray_windows(steps, todo, cfg.num_cpus, caption_actors))
 
     new_stats = []
     for stats in results:  # each shard has written its own completion marker: O(1) here
         new_stats.append(stats)
         rejected = sum(stats["rejected"].values())
+        total = "" if listing.streamed and listing.known_count is None else f"/{len(listing.planned)}"
         log(f"  shard {stats['shard']}: {stats['samples']} samples, {rejected} rejected "
-            f"[{len(done) + len(new_stats)}/{len(works)}]")
+            f"[{len(done) + len(new_stats)}{total}]")
+    for _ in listing.works:  # a streamed list whose remaining shards were all done: count its rows
+        pass
 
-    all_stats = [writer.load_stats(out, w.name) for w in works]
+    all_stats = [writer.load_stats(out, name) for name in listing.planned]
+    manifest["inputs"] = listing.count
     writer.drop_cross_shard_duplicates(out, all_stats, cfg.seed)  # updates the stats it changes in place
     if cfg.near_duplicates is not None:
         dropped = writer.drop_near_duplicates(out, all_stats, cfg.near_duplicates)
@@ -202,7 +212,8 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     writer.save_manifest(out, manifest)
 
     wall = time.perf_counter() - started
-    summary = {"inputs": len(refs), "samples": manifest["samples"], "shards": len(works), "shards_built": len(todo),
+    summary = {"inputs": listing.count, "samples": manifest["samples"], "shards": len(listing.planned),
+               "shards_built": len(new_stats),
                "all_stats": all_stats, "new_stats": new_stats, "wall_seconds": wall, "list_seconds": list_seconds}
     log(format_summary(summary))
     if cfg.preview and manifest["samples"]:

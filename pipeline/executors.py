@@ -9,7 +9,7 @@ travel between operators as pickled bytes, so Arrow never has to understand them
 from __future__ import annotations
 
 import pickle
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from common.ray_session import init_ray  # noqa: F401  (re-exported for the build)
 from stages.shard import ShardWork
@@ -84,3 +84,20 @@ def run_ray(steps: list[Step], works: list[ShardWork], num_cpus: float = 1.0,
             ds = ds.map(_run_pickled, fn_kwargs={"steps": group}, num_cpus=num_cpus)
     for row in ds.iter_rows():
         yield pickle.loads(row["payload"])
+
+
+def run_ray_windows(steps: list[Step], works: Iterable[ShardWork], num_cpus: float = 1.0,
+                    actor_concurrency: int = 1, window: int | None = None) -> Iterator[dict[str, Any]]:
+    """run_ray over a stream of shards, a window at a time (a few per CPU of the cluster),
+    so a list of any length is never held whole: the driver holds one window's inputs."""
+    import itertools
+
+    import ray
+
+    window = window or max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    works = iter(works)
+    while True:
+        chunk = list(itertools.islice(works, window))
+        if not chunk:
+            return
+        yield from run_ray(steps, chunk, num_cpus, actor_concurrency)

@@ -12,14 +12,14 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 
 from .http_fetch import HttpOptions, http_get
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-LIST_EXTS = (".txt", ".csv", ".parquet", ".jsonl")
+LIST_EXTS = (".tsv", ".txt", ".csv", ".parquet", ".jsonl")
 TAR_EXTS = (".tar",)
 
 
@@ -101,39 +101,55 @@ def list_glob(spec: str) -> list[InputRef]:
     return _list_files(fs, list(matched) + present)
 
 
-def list_url_table(spec: str, url_column: str = "url", caption_column: str = "caption") -> list[InputRef]:
-    """A .txt (one path/URL per line, optional TAB caption), .csv, .jsonl or .parquet list."""
+def iter_url_table(spec: str, url_column: str = "url", caption_column: str = "caption",
+                   batch_rows: int = 65_536) -> Iterator[InputRef]:
+    """The rows of a .txt (one path/URL per line, optional TAB caption), .csv/.tsv, .jsonl or
+    .parquet list, in file order, read in batches: memory stays flat however long the list."""
     fs, path = _fs(spec)
     lower = path.lower()
     if lower.endswith(".txt"):
-        refs = []
+        origin = "the URL list's TAB-separated captions"
         with fs.open(path, "rt", encoding="utf-8") as handle:
             for line in handle:
                 line = line.rstrip("\n")
                 if not line.strip() or line.lstrip().startswith("#"):
                     continue
                 url, _, caption = line.partition("\t")
-                refs.append(InputRef(url.strip(), "file", caption.strip() or None,
-                                    caption_origin="the URL list's TAB-separated captions"))
-        return refs
+                yield InputRef(url.strip(), "file", caption.strip() or None, caption_origin=origin)
+        return
     import pyarrow.csv
     import pyarrow.json
     import pyarrow.parquet
 
+    origin = f"the URL list's {caption_column!r} column"
     with fs.open(path, "rb") as handle:
         if lower.endswith(".parquet"):
-            table = pyarrow.parquet.read_table(handle)
-        elif lower.endswith(".csv"):
-            table = pyarrow.csv.read_csv(handle)
+            source = pyarrow.parquet.ParquetFile(handle)
+            names = source.schema_arrow.names
+            batches = source.iter_batches(batch_size=batch_rows, columns=[c for c in (url_column, caption_column)
+                                                                         if c in names])
+        elif lower.endswith((".csv", ".tsv")):
+            parse = pyarrow.csv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
+            reader = pyarrow.csv.open_csv(handle, parse_options=parse,
+                                          read_options=pyarrow.csv.ReadOptions(block_size=1 << 22))
+            names, batches = reader.schema.names, reader
         else:
-            table = pyarrow.json.read_json(handle)
-    if url_column not in table.column_names:
-        raise InputError(f"{spec}: no column {url_column!r} (columns: {table.column_names}); set url_column")
-    urls = table.column(url_column).to_pylist()
-    captions = table.column(caption_column).to_pylist() if caption_column in table.column_names else [None] * len(urls)
-    origin = f"the URL list's {caption_column!r} column"
-    return [InputRef(str(u), "file", (str(c).strip() or None) if c is not None else None, caption_origin=origin)
-            for u, c in zip(urls, captions) if u]
+            table = pyarrow.json.read_json(handle)  # pyarrow has no streaming JSON reader: read in one go
+            names, batches = table.column_names, table.to_batches(max_chunksize=batch_rows)
+        if url_column not in names:
+            raise InputError(f"{spec}: no column {url_column!r} (columns: {names}); set url_column")
+        for batch in batches:
+            urls = batch.column(url_column).to_pylist()
+            captions = (batch.column(caption_column).to_pylist() if caption_column in batch.schema.names
+                        else [None] * len(urls))
+            for u, c in zip(urls, captions):
+                if u:
+                    yield InputRef(str(u), "file", (str(c).strip() or None) if c is not None else None,
+                                   caption_origin=origin)
+
+
+def list_url_table(spec: str, url_column: str = "url", caption_column: str = "caption") -> list[InputRef]:
+    return list(iter_url_table(spec, url_column, caption_column))
 
 
 def list_tar(spec: str) -> list[InputRef]:

@@ -35,10 +35,17 @@ def s3(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)
-    env = {"FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    os.environ.update(env)  # for the subprocesses (fsspec reads FSSPEC_* when it is imported)
+    import fsspec.config
+    import s3fs
+
+    saved_conf = dict(fsspec.config.conf.get("s3", {}))
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # this process imported fsspec already
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         deadline = time.time() + 60
         while True:
@@ -48,8 +55,6 @@ def s3(tmp_path_factory):
             except OSError:
                 assert time.time() < deadline and server.poll() is None, "moto server did not start"
                 time.sleep(0.2)
-        import s3fs
-
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir(BUCKET)
         yield fs
@@ -57,6 +62,8 @@ def s3(tmp_path_factory):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+        fsspec.config.conf["s3"] = saved_conf
+        s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
