@@ -66,6 +66,35 @@ def test_ray_job_submit_runs_the_example_on_a_local_head(tmp_path):
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["complete"] and manifest["samples"] == 7
         assert (out / "preview.png").exists()
+
+        # `ray job stop` mid-build, then the same submit again resumes where the first stopped
+        from conftest import write_synthetic
+
+        write_synthetic(tmp_path / "many", 160, size=(1000, 800))
+        big = tmp_path / "big"
+        command = ["python", "pipeline/build.py", "--input", str(tmp_path / "many"), "--output", str(big),
+                   "--caption-model", "none", "--min-size", "64", "--samples-per-shard", "2", "--preview", "0"]
+        first = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait",
+                                "--working-dir", ".", "--", *command], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert first.returncode == 0, first.stdout + first.stderr
+        job_id = next(w.strip("'\"") for line in first.stdout.splitlines() if "submitted successfully" in line
+                      for w in line.split() if w.strip("'\"").startswith("raysubmit_"))
+        deadline = time.time() + 300
+        while len(list(big.glob("shards/*_stats.json"))) < 1:
+            assert time.time() < deadline, "the first job wrote no shard"
+            time.sleep(0.2)
+        stop = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job_id], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        stopped_with = len(list(big.glob("shards/*_stats.json")))
+        assert stopped_with < 80, "stopped mid-build"
+        again = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+                                *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "already done" in again.stdout and "(0 already done)" not in again.stdout, "it resumed"
+        manifest = json.loads((big / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["samples"] == 160 and len(manifest["shards"]) == 80
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head takes its processes down with it
         try:
