@@ -16,7 +16,7 @@ from conftest import write_synthetic
 def setup(tmp_path_factory):
     from pipeline.build import run_build
     from pipeline.config import BuildConfig
-    from tiny_models import make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+    from tiny_models import make_tiny_flux, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
 
     root = tmp_path_factory.mktemp("families")
     write_synthetic(root / "in", 8, size=(120, 80))
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
                           caption_model="none", keep_captions=True, samples_per_shard=4, executor="local", preview=0,
                           report_samples=0), log=lambda *_: None)
     return {"root": root, "sd": make_tiny_sd(root / "sd"), "sdxl": make_tiny_sdxl(root / "sdxl"),
-            "sd3": make_tiny_sd3(root / "sd3"), "shards": root / "shards"}
+            "sd3": make_tiny_sd3(root / "sd3"), "flux": make_tiny_flux(root / "flux"), "shards": root / "shards"}
 
 
 def config(setup, out, base="sdxl", **kw):
@@ -43,8 +43,8 @@ def config(setup, out, base="sdxl", **kw):
 def test_the_family_comes_from_model_index(setup, tmp_path):
     from train import families
 
-    assert [families.detect(str(setup[k])).NAME for k in ("sd", "sdxl", "sd3")] == ["sd", "sdxl", "sd3"]
-    for name, said in (("FluxPipeline", "Flux"), ("KandinskyPipeline", "unknown")):
+    assert [families.detect(str(setup[k])).NAME for k in ("sd", "sdxl", "sd3", "flux")] == ["sd", "sdxl", "sd3", "flux"]
+    for name, said in (("KandinskyPipeline", "unknown"), ("WanPipeline", "unknown")):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "model_index.json").write_text(json.dumps({"_class_name": name}))
@@ -126,52 +126,75 @@ def test_clear_errors_before_any_step(setup, tmp_path, capsys):
                  "--shard", str(shard), "--num", "1", "--steps", "1", "--resolution", "64",
                  "--output", str(tmp_path / "x")]) == 2
     assert "another kind of base model" in capsys.readouterr().err
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(TrainError, match="not supported by the trainer yet"):
-        train(config(setup, tmp_path / "fluxrun", pretrained_model=str(flux)), log=lambda *_: None)
+    kandinsky = tmp_path / "kandinsky"
+    kandinsky.mkdir()
+    (kandinsky / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(TrainError, match="unknown base model type"):
+        train(config(setup, tmp_path / "krun", pretrained_model=str(kandinsky)), log=lambda *_: None)
+    with pytest.raises(TrainError, match="made for another kind of base model"):
+        train(config(setup, tmp_path / "mixedflux", base="flux", controlnet=str(tmp_path / "sd-run")),
+              log=lambda *_: None)
     with pytest.raises(TrainError, match="made for another kind of base model"):
         train(config(setup, tmp_path / "mixed3", base="sd3", controlnet=str(tmp_path / "sd-run")), log=lambda *_: None)
     with pytest.raises(TrainError, match="unlock-decoder"):
         train(config(setup, tmp_path / "unlock3", base="sd3", unlock_decoder=True), log=lambda *_: None)
 
 
-def test_sd3_trains_resumes_validates_and_generates_through_its_pipeline(setup, tmp_path):
-    """Flow matching on an MMDiT base: a few steps, bit-exact resume, validation through
-    StableDiffusion3ControlNetPipeline, the saved SD3ControlNetModel generates there and
-    through `controlforge sample` (random weights: plumbing only)."""
-    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+FLOW = {  # family -> (ControlNet class, pipeline class, extra from_pretrained arguments)
+    "sd3": ("SD3ControlNetModel", "StableDiffusion3ControlNetPipeline", {"text_encoder_3": None, "tokenizer_3": None}),
+    "flux": ("FluxControlNetModel", "FluxControlNetPipeline", {}),
+}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_matching_families_train_resume_validate_and_generate(setup, tmp_path, family):
+    """SD3 (MMDiT) and Flux (packed latents, guidance embedding): a few flow-matching steps,
+    bit-exact resume, validation through the family's diffusers ControlNet pipeline, the
+    saved ControlNet generates there and through `controlforge sample` (random weights:
+    plumbing only)."""
+    import diffusers
     from PIL import Image
 
     from pipeline.cli import main
     from train.trainer import train
 
     logs: list[str] = []
-    straight = train(config(setup, tmp_path / "straight", base="sd3", max_train_steps=4, validation_steps=4,
+    straight = train(config(setup, tmp_path / "straight", base=family, max_train_steps=4, validation_steps=4,
                             num_validation_images=2), log=logs.append)
-    assert any("base model: sd3" in line for line in logs) and (tmp_path / "straight" / "validation").exists()
+    assert any(f"base model: {family}" in line for line in logs) and (tmp_path / "straight" / "validation").exists()
     assert all(np.isfinite(straight["losses"]))
-    train(config(setup, tmp_path / "resumed", base="sd3", max_train_steps=2), log=lambda *_: None)
-    resumed = train(config(setup, tmp_path / "resumed", base="sd3", max_train_steps=4, resume="latest"),
+    train(config(setup, tmp_path / "resumed", base=family, max_train_steps=2), log=lambda *_: None)
+    resumed = train(config(setup, tmp_path / "resumed", base=family, max_train_steps=4, resume="latest"),
                     log=lambda *_: None)
     a, b = straight["models"]["controlnet"].state_dict(), resumed["models"]["controlnet"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "resume is bit-exact"
 
-    net = SD3ControlNetModel.from_pretrained(tmp_path / "straight")
-    pipe = StableDiffusion3ControlNetPipeline.from_pretrained(str(setup["sd3"]), controlnet=net, text_encoder_3=None,
-                                                              tokenizer_3=None)  # this tiny base has no T5
+    net_class, pipe_class, extra = FLOW[family]
+    net = getattr(diffusers, net_class).from_pretrained(tmp_path / "straight")
+    pipe = getattr(diffusers, pipe_class).from_pretrained(str(setup[family]), controlnet=net, **extra)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a picture", control_image=Image.new("RGB", (64, 64)), num_inference_steps=2, height=64, width=64,
                  max_sequence_length=77, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
 
     shard = sorted((setup["shards"] / "shards").glob("*.tar"))[0]
-    args = ["sample", "--pretrained-model", str(setup["sd3"]), "--shard", str(shard), "--num", "2", "--steps", "2",
+    args = ["sample", "--pretrained-model", str(setup[family]), "--shard", str(shard), "--num", "2", "--steps", "2",
             "--resolution", "64", "--prompt-mode", "auto"]
     assert main([*args, "--controlnet", str(tmp_path / "straight"), "--output", str(tmp_path / "s")]) == 0
-    assert main([*args, "--output", str(tmp_path / "base")]) == 0, "the SD3 base alone"
+    assert main([*args, "--output", str(tmp_path / "base")]) == 0, "the base alone"
     assert json.loads((tmp_path / "s" / "0000.json").read_text())["guidance_mode"] == "both"
     assert main([*args, "--mode", "paper", "--controlnet", str(tmp_path / "straight"), "--output",
-                 str(tmp_path / "p")]) == 2, "SD3 samples through the pipeline: both branches only"
+                 str(tmp_path / "p")]) == 2, "samples through the pipeline: both branches only"
     assert main(["eval", str(tmp_path / "s"), "--condition", "canny", "--shuffled"]) == 0
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_every_family_takes_ema_checkpointing_dropout_and_the_convergence_tracker(setup, tmp_path, family):
+    from train.trainer import train
+
+    result = train(config(setup, tmp_path / "run", base=family, max_train_steps=2, use_ema=True,
+                          gradient_checkpointing=True, prompt_dropout=0.5, validation_steps=2, num_validation_images=2,
+                          validation_shards=[str(setup["shards"])]), log=lambda *_: None)
+    assert result["global_step"] == 2
+    tracked = json.loads((tmp_path / "run" / "controllability.json").read_text())
+    assert tracked["steps"] == [2] and tracked["metric"] == "f1_2px"

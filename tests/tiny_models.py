@@ -206,3 +206,39 @@ def make_tiny_sd3(folder: str | Path) -> Path:
                              text_encoder=encoder(), tokenizer=tokenizers[0], text_encoder_2=encoder(),
                              tokenizer_2=tokenizers[1], text_encoder_3=None, tokenizer_3=None).save_pretrained(folder)
     return folder
+
+
+def make_tiny_flux(folder: str | Path) -> Path:
+    """A Flux-shaped pipeline folder from tiny configs, random weights: a transformer with one
+    double- and one single-stream block and the guidance embedding, a CLIP text encoder
+    (pooled 16) and a T5 encoder (d_model 32) with a word-level T5 tokenizer made here (the
+    real one needs a download), a VAE with Flux's shift and scale (4 latent channels, packed
+    2x2 into 16)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    tokenizer = make_tiny_clip_tokenizer(folder / "tokenizer")
+    words = ("a the an of on in with and picture photo synthetic number shapes square circle red green blue light "
+             "dark background cat dog").split()
+    tokenizer_2 = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+                                  + [(f"\u2581{w}", -5.0) for w in words] + [(str(d), -6.0) for d in range(10)],
+                                  extra_ids=0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37,
+                                        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.eos_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                                 decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, sample_size=64, shift_factor=0.1159, scaling_factor=0.3611,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                 text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer).save_pretrained(folder)
+    return folder

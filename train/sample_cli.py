@@ -112,6 +112,8 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
     net_class = ControlNetModel
     if frozen.family.NAME == "sd3":
         from diffusers import SD3ControlNetModel as net_class
+    elif frozen.family.NAME == "flux":
+        from diffusers import FluxControlNetModel as net_class
     nets = []
     for path in args.controlnet or []:
         try:
@@ -157,7 +159,8 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
         if pipe is not None:
             control = ({frozen.family.CONTROL_IMAGE_ARG: [c[0].convert("RGB") for c in conditions],
                         "controlnet_conditioning_scale": scales[0]} if nets else {})
-            images = pipe(prompt=prompts, negative_prompt=[args.negative_prompt] * len(prompts), **control,
+            negative = {"negative_prompt": [args.negative_prompt] * len(prompts)} if args.negative_prompt else {}
+            images = pipe(prompt=prompts, **negative, **control,
                           num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=args.resolution,
                           width=args.resolution, generator=[torch.Generator().manual_seed(s) for s in seeds],
                           **getattr(frozen.family, "EXTRA_PIPELINE_ARGS", {})).images

@@ -48,8 +48,10 @@ FAMILIES = {
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3ControlNetPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxControlNetPipeline": "flux",
 }
-NOT_YET = {"FluxPipeline": "Flux", "FluxControlNetPipeline": "Flux"}
+NOT_YET: dict[str, str] = {}
 
 
 def pipeline_class_name(pretrained: str) -> str | None:
@@ -76,7 +78,7 @@ def detect(pretrained: str):
     name = pipeline_class_name(pretrained)
     if name in NOT_YET:
         raise FamilyError(f"{pretrained}: {name} ({NOT_YET[name]}) bases are not supported by the trainer yet; "
-                          f"supported: SD 1.x/2.x, SDXL and SD3 ({', '.join(sorted(FAMILIES))})")
+                          f"supported: SD 1.x/2.x, SDXL, SD3 and Flux ({', '.join(sorted(FAMILIES))})")
     if name is not None and name not in FAMILIES:
         raise FamilyError(f"{pretrained}: unknown base model type {name!r}; supported: {', '.join(sorted(FAMILIES))}")
     return importlib.import_module(f"{__name__}.{FAMILIES.get(name, 'sd')}")
