@@ -387,6 +387,16 @@ def test_auto_executor_runs_small_builds_locally_and_uses_a_cluster_when_there_i
     assert choose_executor(small, 7) == "ray"
 
 
+def _cmdline(process) -> str:
+    """A child's command line, or "" for one that is gone or a zombie by now."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 @pytest.mark.parametrize("executor", ["ray", "local"])
 def test_sigterm_leaves_no_process_and_no_lock_behind(tmp_path, executor):
     """A build stopped with SIGTERM (kill, a scheduler, `ray job stop`): the driver exits,
@@ -410,7 +420,7 @@ def test_sigterm_leaves_no_process_and_no_lock_behind(tmp_path, executor):
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
             family = psutil.Process(proc.pid).children(recursive=True)
-            ray_up = executor == "local" or any("raylet" in " ".join(p.cmdline()) for p in family if p.is_running())
+            ray_up = executor == "local" or any("raylet" in _cmdline(p) for p in family)
             if ray_up and list((tmp_path / "out" / "shards").glob("*_stats.json")):
                 break
             time.sleep(0.2)
@@ -419,7 +429,7 @@ def test_sigterm_leaves_no_process_and_no_lock_behind(tmp_path, executor):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) != 0
         _, alive = psutil.wait_procs(family, timeout=60)
-        assert not alive, f"outlived the driver: {[(p.pid, ' '.join(p.cmdline())[:80]) for p in alive]}"
+        assert not alive, f"outlived the driver: {[(p.pid, _cmdline(p)[:80]) for p in alive]}"
         assert not (tmp_path / "out" / ".controlforge.lock").exists(), "the lock was released"
     finally:
         for p in family:

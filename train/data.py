@@ -256,7 +256,7 @@ def cached_latents_match(urls: list[str], pretrained: str, scaling_factor: float
 
     import webdataset as wds
 
-    for sample in wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False, nodesplitter=None):
         meta = json.loads(sample["json"]) if "json" in sample else {}
         info = meta.get("latents")
         if not info or "latents.npy" not in sample:

@@ -59,7 +59,7 @@ def conditions_from_shard(shard: str, condition: str, n: int) -> list[tuple[Imag
     import webdataset as wds
 
     found = []
-    for sample_ in wds.WebDataset(shard, shardshuffle=False, empty_check=False):
+    for sample_ in wds.WebDataset(shard, shardshuffle=False, empty_check=False, nodesplitter=None):
         if f"{condition}.png" in sample_:
             caption = sample_.get("txt", b"").decode("utf-8").strip() or None
             params = json.loads(sample_["json"]).get("conditions", {}).get(condition, {}).get("params", {})

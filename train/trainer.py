@@ -371,7 +371,7 @@ def _validation_batch(urls: list[str], cfg: TrainConfig) -> dict[str, Any]:
     from .data import collate, joint_crop_flip, to_tensors
 
     samples = []
-    for sample in wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False).decode("pil"):
+    for sample in wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False, nodesplitter=None).decode("pil"):
         image, cond = joint_crop_flip(np.asarray(sample["jpg"].convert("RGB")),
                                       np.asarray(sample[f"{cfg.condition}.png"].convert("RGB")),
                                       cfg.resolution, random.Random(0), False)
