@@ -49,28 +49,36 @@ def _nodes(env: dict, address: str) -> int:
 def test_a_build_survives_losing_a_node(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    head = _start(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                   "--include-dashboard=false", *(f"{flag}={free_port()}" for flag in (
-                       "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
-                       "--metrics-export-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                       "--ray-client-server-port"))], env)
-    second = None
-    build = None
+    head, second, build, address = None, None, None, ""
     try:
-        deadline = time.time() + 120
-        while _nodes(env, address) < 1:
-            assert time.time() < deadline and head.poll() is None, "the head did not start"
-            time.sleep(1)
-        second = _start([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                         *(f"{flag}={free_port()}" for flag in ("--node-manager-port", "--object-manager-port",
-                                                                "--runtime-env-agent-port", "--metrics-export-port",
-                                                                "--dashboard-agent-listen-port",
-                                                                "--dashboard-agent-grpc-port"))], env)
-        while _nodes(env, address) < 2:
-            assert time.time() < deadline and second.poll() is None, "the second node did not join"
-            time.sleep(1)
+        for _ in range(3):  # a port picked free can be taken before Ray binds it: start again on new ones
+            port = free_port()
+            address = f"127.0.0.1:{port}"
+            head = _start(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+                           "--include-dashboard=false", *(f"{flag}={free_port()}" for flag in (
+                               "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
+                               "--metrics-export-port", "--dashboard-agent-listen-port",
+                               "--dashboard-agent-grpc-port", "--ray-client-server-port"))], env)
+            deadline = time.time() + 120
+            while head.poll() is None and _nodes(env, address) < 1 and time.time() < deadline:
+                time.sleep(1)
+            if head.poll() is None and _nodes(env, address) >= 1:
+                break
+            _stop(head)
+        assert head.poll() is None, "the head did not start (3 tries)"
+        for _ in range(3):
+            second = _start([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                             *(f"{flag}={free_port()}" for flag in (
+                                 "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
+                                 "--metrics-export-port", "--dashboard-agent-listen-port",
+                                 "--dashboard-agent-grpc-port"))], env)
+            deadline = time.time() + 120
+            while second.poll() is None and _nodes(env, address) < 2 and time.time() < deadline:
+                time.sleep(1)
+            if second.poll() is None and _nodes(env, address) >= 2:
+                break
+            _stop(second)
+        assert second.poll() is None, "the second node did not join (3 tries)"
 
         inputs = write_synthetic(tmp_path / "in", 60, size=(400, 300))
         (tmp_path / "in" / "broken.jpg").write_bytes(b"not a picture")
