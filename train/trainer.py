@@ -79,13 +79,11 @@ def make_controlnet(unet, controlnet: str | None = None, vae_scale_factor: int =
         raise TrainError(f"the VAE's downsampling factor {vae_scale_factor} is not a power of two >= 2")
     channels = (16, 32, 96, 256, 256, 256)[:levels + 1]
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
-    if init == "random":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
-                conv.reset_parameters()  # PyTorch's default (Kaiming-uniform) initialisation
-    elif init != "zero":
-        raise TrainError(f"controlnet init must be 'zero' or 'random', got {init!r}")
+    try:
+        families.initialise((*net.controlnet_down_blocks, net.controlnet_mid_block,
+                             net.controlnet_cond_embedding.conv_out), init)
+    except families.FamilyError as exc:
+        raise TrainError(str(exc)) from None
     return net
 
 

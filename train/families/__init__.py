@@ -117,6 +117,19 @@ def check_controlnet(frozen: Frozen, controlnet, where: str) -> None:
                           f"{frozen.vae_scale_factor}: this ControlNet was trained for another base model")
 
 
+def initialise(layers, init: str) -> None:
+    """The ControlNet's zero layers as the paper has them (`zero`: left at zero), or for
+    the ablation (`random`) re-initialised with PyTorch's default (Kaiming-uniform) under
+    a fixed seed, so noise reaches the base from step 0."""
+    if init == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            for layer in layers:
+                layer.reset_parameters()
+    elif init != "zero":
+        raise FamilyError(f"controlnet init must be 'zero' or 'random', got {init!r}")
+
+
 def load_error(pretrained: str, exc: BaseException, example: str) -> FamilyError:
     return FamilyError(f"cannot load the base model {pretrained!r} ({type(exc).__name__}: {str(exc)[:200]}). "
                        f"Without hub access, download it elsewhere (`huggingface-cli download {example} --local-dir "

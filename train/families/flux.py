@@ -11,13 +11,12 @@ from typing import Any
 
 import torch
 
-from . import FamilyError, Frozen, load_error
+from . import FamilyError, Frozen, flow, initialise, load_error
 
 NAME = "flux"
 PIPELINE = "FluxControlNetPipeline"
 MAX_SEQUENCE_LENGTH = 77
 GUIDANCE = 3.5  # the distilled guidance scale a Flux-dev base is trained and sampled with
-UNET_ONLY = ("unlock_decoder", "only_mid_control")
 CONTROL_IMAGE_ARG = "control_image"
 EXTRA_PIPELINE_ARGS = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
 
@@ -75,20 +74,12 @@ def make_controlnet(frozen: Frozen, controlnet: str | None, init: str):
     net = FluxControlNetModel.from_transformer(
         frozen.unet, num_layers=min(4, config.num_layers), num_single_layers=min(10, config.num_single_layers),
         attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
-    if init == "random":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            for layer in (*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder):
-                layer.reset_parameters()
-    elif init != "zero":
-        raise FamilyError(f"controlnet init must be 'zero' or 'random', got {init!r}")
+    initialise((*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder), init)
     return net
 
 
 def check(frozen: Frozen, cfg) -> None:
-    for name in UNET_ONLY:
-        if getattr(cfg, name, False):
-            raise FamilyError(f"--{name.replace('_', '-')} applies to UNet bases (SD, SDXL), not Flux")
+    flow.check_unet_only(cfg, "Flux")
 
 
 def check_resolution(frozen: Frozen, resolution: int) -> None:
@@ -119,21 +110,15 @@ def _packed_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 def loss(batch, cfg, frozen: Frozen, transformer, controlnet, dropout, device, dtype, log=print) -> torch.Tensor:
     from diffusers import FluxPipeline
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-    vae, scheduler = frozen.vae, frozen.scheduler
+    vae = frozen.vae
     with torch.no_grad():
         latents, h, w = _packed_latents(vae, batch["pixel_values"].to(device, dtype))
         condition, _, _ = _packed_latents(vae, (batch["conditioning_pixel_values"] * 2 - 1).to(device, dtype))
         embeds, added = conditioning(frozen, dropout(batch["text"]), device)
     latents, condition = latents.float(), condition.float()
     image_ids = FluxPipeline._prepare_latent_image_ids(latents.shape[0], h // 2, w // 2, device, latents.dtype)
-    noise = torch.randn_like(latents)
-    u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0)
-    indices = (u * scheduler.config.num_train_timesteps).long().clamp(0, scheduler.config.num_train_timesteps - 1)
-    timesteps = scheduler.timesteps[indices].to(device)
-    sigmas = scheduler.sigmas.to(device)[indices].float().view(-1, 1, 1)
-    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    noisy, noise, timesteps, sigmas = flow.noisy_latents(frozen.scheduler, latents, device)
     guidance = (torch.full((latents.shape[0],), GUIDANCE, device=device)
                 if transformer.config.guidance_embeds else None)
     common = dict(timestep=timesteps / 1000, guidance=guidance, pooled_projections=added["pooled_projections"].float(),
@@ -145,15 +130,10 @@ def loss(batch, cfg, frozen: Frozen, transformer, controlnet, dropout, device, d
                              controlnet_single_block_samples=cast(single_blocks),
                              **{**common, "pooled_projections": common["pooled_projections"].to(model_dtype),
                                 "encoder_hidden_states": common["encoder_hidden_states"].to(model_dtype)})[0]
-    weighting = compute_loss_weighting_for_sd3("logit_normal", sigmas=sigmas)
-    target = noise - latents
-    return (weighting.float() * (prediction.float() - target) ** 2).reshape(latents.shape[0], -1).mean(1).mean()
+    return flow.loss(prediction, noise, latents, sigmas)
 
 
-def sampling_scheduler(frozen: Frozen):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(frozen.scheduler.config)
+sampling_scheduler = flow.sampling_scheduler
 
 
 def pipeline(frozen: Frozen, transformer, controlnet, scheduler):

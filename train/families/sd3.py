@@ -11,14 +11,12 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from . import FamilyError, Frozen, load_error
+from . import FamilyError, Frozen, flow, initialise, load_error
 
 NAME = "sd3"
 PIPELINE = "StableDiffusion3ControlNetPipeline"
 MAX_SEQUENCE_LENGTH = 77  # T5 tokens, as diffusers' SD3 ControlNet training script
-UNET_ONLY = ("unlock_decoder", "only_mid_control")
 
 
 def load(pretrained: str, dtype: torch.dtype) -> Frozen:
@@ -94,20 +92,12 @@ def make_controlnet(frozen: Frozen, controlnet: str | None, init: str):
                                               num_extra_conditioning_channels=0)
     # the condition latent gets the VAE shift and the ControlNet the pooled prompt, as in training below
     net.register_to_config(force_zeros_for_pooled_projection=False)
-    if init == "random":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            for layer in (*net.controlnet_blocks, net.pos_embed_input.proj):
-                layer.reset_parameters()
-    elif init != "zero":
-        raise FamilyError(f"controlnet init must be 'zero' or 'random', got {init!r}")
+    initialise((*net.controlnet_blocks, net.pos_embed_input.proj), init)
     return net
 
 
 def check(frozen: Frozen, cfg) -> None:
-    for name in UNET_ONLY:
-        if getattr(cfg, name, False):
-            raise FamilyError(f"--{name.replace('_', '-')} applies to UNet bases (SD, SDXL), not SD3")
+    flow.check_unet_only(cfg, "SD3")
 
 
 def check_resolution(frozen: Frozen, resolution: int) -> None:
@@ -134,9 +124,7 @@ def encode_latents(vae, pixels: torch.Tensor, sample: bool = True) -> torch.Tens
 
 
 def loss(batch, cfg, frozen: Frozen, transformer, controlnet, dropout, device, dtype, log=print) -> torch.Tensor:
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-
-    vae, scheduler = frozen.vae, frozen.scheduler
+    vae = frozen.vae
     with torch.no_grad():
         if "latents" in batch:
             latents = batch["latents"].to(device).float()
@@ -144,12 +132,7 @@ def loss(batch, cfg, frozen: Frozen, transformer, controlnet, dropout, device, d
             latents = encode_latents(vae, batch["pixel_values"].to(device, dtype)).float()
         condition = encode_latents(vae, (batch["conditioning_pixel_values"] * 2 - 1).to(device, dtype)).float()
         embeds, added = conditioning(frozen, dropout(batch["text"]), device)
-    noise = torch.randn_like(latents)
-    u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0)
-    indices = (u * scheduler.config.num_train_timesteps).long().clamp(0, scheduler.config.num_train_timesteps - 1)
-    timesteps = scheduler.timesteps[indices].to(device)
-    sigmas = scheduler.sigmas.to(device)[indices].float().view(-1, 1, 1, 1)
-    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    noisy, noise, timesteps, sigmas = flow.noisy_latents(frozen.scheduler, latents, device)
     pooled = added["pooled_projections"]
     blocks = controlnet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds.float(),
                         pooled_projections=pooled.float(), controlnet_cond=condition, return_dict=False)[0]
@@ -157,15 +140,10 @@ def loss(batch, cfg, frozen: Frozen, transformer, controlnet, dropout, device, d
     prediction = transformer(hidden_states=noisy.to(model_dtype), timestep=timesteps,
                              encoder_hidden_states=embeds.to(model_dtype), pooled_projections=pooled.to(model_dtype),
                              block_controlnet_hidden_states=[b.to(model_dtype) for b in blocks], return_dict=False)[0]
-    weighting = compute_loss_weighting_for_sd3("logit_normal", sigmas=sigmas)
-    target = noise - latents
-    return (weighting.float() * (prediction.float() - target) ** 2).reshape(latents.shape[0], -1).mean(1).mean()
+    return flow.loss(prediction, noise, latents, sigmas)
 
 
-def sampling_scheduler(frozen: Frozen):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(frozen.scheduler.config)
+sampling_scheduler = flow.sampling_scheduler
 
 
 def pipeline(frozen: Frozen, transformer, controlnet, scheduler):
