@@ -3,7 +3,9 @@
 On Ray, consecutive CPU steps fuse into one task per shard (read -> decode ->
 annotate -> write never leaves the worker); a model-holding step (`actor=True`)
 becomes an actor pool, one model per actor, fed one shard at a time. Shards
-travel between operators as pickled bytes, so Arrow never has to understand them.
+travel between operators as pickled bytes, so Arrow never has to understand them;
+what travels is the shard's JPEGs and metadata: the CPU annotators run in the last
+task, which spools each finished sample to local disk (stages/spool.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Iterator
+from contextlib import contextmanager
+from typing import IO, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -48,17 +49,38 @@ class Output:
         return self.read_bytes(rel).decode("utf-8")
 
     def write_atomic(self, rel: str, data: bytes) -> None:
+        with self.open_atomic(rel) as handle:
+            handle.write(data)
+
+    @contextmanager
+    def open_atomic(self, rel: str) -> Iterator[IO[bytes]]:
+        """A file to stream into (a shard tar need never sit in memory whole): written
+        under a temporary name and moved into place only when the block exits cleanly;
+        on an error the temporary is removed and the final name is left as it was."""
         final = self.path(rel)
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        if self.local:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-            return
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, final)
+        try:
+            if self.local:
+                with open(tmp, "wb") as handle:
+                    yield handle
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, final)
+            else:
+                with self.fs.open(tmp, "wb") as handle:  # s3fs: a multipart upload, block by block
+                    yield handle
+                self.fs.mv(tmp, final)
+        except BaseException:
+            try:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+            except Exception:  # the original error matters more; restarts remove temporaries anyway
+                pass
+            raise
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        self.refresh()
+        return self.fs.open(self.path(rel), "rb")
 
     def glob(self, pattern: str) -> Iterator[str]:
         """Relative names matching pattern (relative to the root)."""

@@ -24,9 +24,11 @@ from .near_duplicates import phash
 from .readers import fetch
 from .output import Output
 from .shard import Sample, ShardWork
-from .writer import write_shard
+from .writer import ShardWriter
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: images a model step decodes at a time (CLIP gate, VAE latents): bounded, whatever the shard size
+CHUNK = 16
 
 
 @contextmanager
@@ -56,10 +58,9 @@ class ReadDecode(Step):
 
     name = "read_decode"
 
-    def __init__(self, cfg, inline: "Annotate | None" = None):
+    def __init__(self, cfg):
         self.cfg = cfg
         self.spec = ResizeSpec(cfg.resolution, cfg.resize_mode, cfg.min_size, cfg.max_aspect, cfg.max_pixels)
-        self.inline = inline  # CPU annotators, run on each image while it is decoded
         self.http = HttpOptions(timeout=cfg.fetch_timeout, retries=cfg.fetch_retries, user_agent=cfg.user_agent,
                                 respect_opt_out=cfg.respect_opt_out)
 
@@ -107,8 +108,7 @@ class ReadDecode(Step):
                 for name, png in got.conditions.items():
                     sample.conditions[name] = png
                     sample.condition_info[name] = infos.get(name, {"annotator": "input"})
-            if self.inline is None or self.inline.annotate_one(work, sample, decoded.image):
-                work.samples.append(sample)
+            work.samples.append(sample)
         return work
 
     def _caption_from_input(self, sample: Sample, caption: str | None, origin: str = "") -> None:
@@ -137,32 +137,35 @@ class Caption(Step):
 
     def __call__(self, work: ShardWork) -> ShardWork:
         todo = [s for s in work.samples if s.caption is None]
-        if not todo:
-            return work
-        with timed(work, "caption"):
-            images = [decode_rgb(s.jpg) for s in todo]
-            try:
-                captions = self.captioner(images)
-            except CaptionModelError:
-                raise  # a config problem: stop the build with its message
-            except Exception as exc:
-                failed = {s.key for s in todo}
-                for s in todo:
-                    work.reject(s.source, "caption", "caption_error", _error_text(exc))
-                work.samples = [s for s in work.samples if s.key not in failed]
-                return work
-            for sample, caption in zip(todo, captions):
+        failed: set[str] = set()
+        size = max(1, self.cfg.caption_batch_size)
+        for start in range(0, len(todo), size):  # decoded images: one batch's worth at a time
+            chunk = todo[start:start + size]
+            with timed(work, "caption"):
+                try:
+                    captions = self.captioner([decode_rgb(s.jpg) for s in chunk])
+                except CaptionModelError:
+                    raise  # a config problem: stop the build with its message
+                except Exception as exc:  # costs this batch only
+                    for s in chunk:
+                        work.reject(s.source, "caption", "caption_error", _error_text(exc))
+                        failed.add(s.key)
+                    continue
+            for sample, caption in zip(chunk, captions):
                 sample.caption = caption
+        if failed:
+            work.samples = [s for s in work.samples if s.key not in failed]
         return work
 
 
 class Annotate(Step):
     """The named conditions for every sample; a failure drops that sample only.
 
-    Inline (CPU annotators): ReadDecode calls `annotate_one` on each sample while its
-    pixels are in memory, then drops them, so a shard never holds more than one decoded
-    image. As a step (network annotators in a GPU actor): samples go through each
-    annotator in batches of its `batch_size`, decoded from the stored JPEG chunk by chunk."""
+    Every annotator sees the stored JPEG's pixels, what the trainer will load, whatever
+    the plan. In the writer task (CPU annotators): WriteShard calls `annotate_one` on one
+    sample at a time and spools the result to disk, so conditions never pile up in memory
+    nor travel between tasks. As a step (network annotators in a GPU actor): samples go
+    through each annotator in batches of its `batch_size`, decoded chunk by chunk."""
 
     name = "annotate"
 
@@ -286,17 +289,17 @@ class ClipGate(Step):
         self.scorer = ClipScorer(cfg.clip_model, "cuda" if num_gpus > 0 else None)
 
     def __call__(self, work: ShardWork) -> ShardWork:
-        if not work.samples:
-            return work
-        with timed(work, "clip_score"):
-            scores = self.scorer([decode_rgb(s.jpg) for s in work.samples], [s.caption or "" for s in work.samples])
         floor, kept = self.cfg.min_clip_score, []
-        for sample, score in zip(work.samples, scores):
-            if score < floor:
-                work.reject(sample.source, "clip_score", "low_clip_score",
-                            f"CLIP score {score:.2f} below min_clip_score={floor:g} for caption {sample.caption!r}")
-            else:
-                kept.append(sample)
+        for start in range(0, len(work.samples), CHUNK):
+            chunk = work.samples[start:start + CHUNK]
+            with timed(work, "clip_score"):
+                scores = self.scorer([decode_rgb(s.jpg) for s in chunk], [s.caption or "" for s in chunk])
+            for sample, score in zip(chunk, scores):
+                if score < floor:
+                    work.reject(sample.source, "clip_score", "low_clip_score",
+                                f"CLIP score {score:.2f} below min_clip_score={floor:g} for caption {sample.caption!r}")
+                else:
+                    kept.append(sample)
         work.samples = kept
         return work
 
@@ -317,42 +320,67 @@ class EncodeLatents(Step):
         from .latents import npy_bytes
 
         with timed(work, "latents"):
-            by_size: dict[tuple, list[tuple[Sample, np.ndarray]]] = {}
-            for sample in work.samples:
-                image = decode_rgb(sample.jpg)
-                by_size.setdefault(image.shape, []).append((sample, image))
-            for group in by_size.values():  # one batch shape per call (keep_ratio builds have several)
-                for (sample, _), latent in zip(group, self.encoder([image for _, image in group])):
-                    sample.latents, sample.latents_info = npy_bytes(latent), self.encoder.info(latent.shape)
+            by_size: dict[tuple[int, int], list[Sample]] = {}
+            for sample in work.samples:  # one batch shape per call (keep_ratio builds have several)
+                by_size.setdefault((sample.height, sample.width), []).append(sample)
+            for group in by_size.values():
+                for start in range(0, len(group), CHUNK):  # decoded images: one chunk at a time
+                    chunk = group[start:start + CHUNK]
+                    for sample, latent in zip(chunk, self.encoder([decode_rgb(s.jpg) for s in chunk])):
+                        sample.latents, sample.latents_info = npy_bytes(latent), self.encoder.info(latent.shape)
         return work
 
 
 class WriteShard(Step):
-    """The shard tar and its stats; returns the stats, the end of the line."""
+    """The end of the line: the CPU annotators on each sample in turn (from its stored
+    JPEG), the sample spooled to local disk, then the shard tar and its stats; returns
+    the stats. A task here holds the shard's JPEGs and one sample's conditions."""
 
     name = "write"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, annotate: Annotate | None = None):
         self.cfg = cfg
+        self.annotate = annotate
 
     def __call__(self, work: ShardWork) -> dict[str, Any]:
-        return write_shard(Output(self.cfg.output), work, self.cfg.seed, self.cfg.conditions)
+        writer = ShardWriter(Output(self.cfg.output), work, self.cfg.seed, self.cfg.conditions)
+        try:
+            samples, work.samples = work.samples, []
+            for i, sample in enumerate(samples):
+                samples[i] = None  # its bytes go to the spool; keep no second reference
+                if self.annotate is None or self._annotate(work, sample):
+                    with timed(work, "write"):
+                        writer.add(sample)
+            return writer.finish()
+        finally:
+            writer.close()
+
+    def _annotate(self, work: ShardWork, sample: Sample) -> bool:
+        with timed(work, "decode"):
+            try:
+                image = decode_rgb(sample.jpg)
+            except Exception as exc:
+                work.reject(sample.source, "annotate", "decode_error", _error_text(exc))
+                return False
+        return self.annotate.annotate_one(work, sample, image)
 
 
 def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0, annotator_num_gpus: float = 0.0) -> list[Step]:
-    """CPU annotators run inside decoding, on each image while it is in memory; with GPUs,
-    the network annotators move to one GPU actor that holds them all (batched); the
-    captioner (an actor) decodes the stored JPEGs itself."""
+    """Decode, then the model steps that read only the JPEGs (captioner, CLIP gate, VAE
+    latents), then the network annotators' GPU actor when there are GPUs, and last the
+    writer task, which runs the CPU annotators sample by sample. So the models see no
+    samples a cheaper gate would drop, and condition maps cross at most one task boundary
+    (GPU annotators' maps, to the writer), never a shard's worth of CPU maps."""
     networks = [n for n in cfg.conditions if annotator_registry.REGISTRY[n].uses_model] if annotator_num_gpus else []
     plain = [n for n in cfg.conditions if n not in networks]
-    steps: list[Step] = [ReadDecode(cfg, Annotate(cfg, plain) if plain else None)]
-    if networks:
-        steps.append(Annotate(cfg, networks, annotator_num_gpus))
+    steps: list[Step] = [ReadDecode(cfg)]
     if needs_captioner:
         steps.append(Caption(cfg, caption_num_gpus))
     if getattr(cfg, "min_clip_score", None) is not None:
         steps.append(ClipGate(cfg, annotator_num_gpus or caption_num_gpus))
     if getattr(cfg, "latents", None):
         steps.append(EncodeLatents(cfg, annotator_num_gpus or caption_num_gpus))
-    steps.append(WriteShard(cfg))
+    if networks:
+        steps.append(Annotate(cfg, networks, annotator_num_gpus))
+    steps.append(WriteShard(cfg, Annotate(cfg, plain) if plain else None))
     return steps

@@ -13,10 +13,11 @@ import json
 import tarfile
 import time
 from collections import Counter
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterator
 
 from .output import Output
 from .shard import Sample, ShardWork
+from .spool import SampleSpool
 
 SCHEMA_VERSION = 1
 SHARDS_DIR = "shards"
@@ -71,49 +72,98 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def shard_tar_bytes(samples: Iterable[Sample], build_seed: int) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in sorted(samples, key=lambda s: s.key):
-            _tar_member(tar, f"{sample.key}.jpg", sample.jpg)
-            _tar_member(tar, f"{sample.key}.txt", (sample.caption or "").replace("\n", " ").encode("utf-8"))
-            _tar_member(tar, f"{sample.key}.json", json.dumps(sample_json(sample, build_seed), sort_keys=True).encode())
-            for name in sorted(sample.conditions, key=condition_sort_key):
-                _tar_member(tar, f"{sample.key}.{name}.png", sample.conditions[name])
-            if sample.latents is not None:
-                _tar_member(tar, f"{sample.key}.latents.npy", sample.latents)
-    return buf.getvalue()
+def sample_members(sample: Sample, build_seed: int) -> Iterator[tuple[str, bytes]]:
+    """A sample's tar members in their fixed order (KEY.jpg, .txt, .json, conditions, latents)."""
+    yield f"{sample.key}.jpg", sample.jpg
+    yield f"{sample.key}.txt", (sample.caption or "").replace("\n", " ").encode("utf-8")
+    yield f"{sample.key}.json", json.dumps(sample_json(sample, build_seed), sort_keys=True).encode()
+    for name in sorted(sample.conditions, key=condition_sort_key):
+        yield f"{sample.key}.{name}.png", sample.conditions[name]
+    if sample.latents is not None:
+        yield f"{sample.key}.latents.npy", sample.latents
+
+
+class HashingWriter:
+    """A write-only file that counts and hashes what passes through (tarfile asks tell())."""
+
+    def __init__(self, handle: IO[bytes]):
+        self.handle, self.size, self.sha = handle, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.handle.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+class ShardWriter:
+    """Writes one shard: finished samples go to a local spool as they come (add), then
+    `finish` streams the tar into place in key order and writes the stats, the shard's
+    completion marker. Memory: one sample at a time plus a small record per sample."""
+
+    def __init__(self, out: Output, work: ShardWork, build_seed: int, conditions: list[str]):
+        self.out, self.work, self.build_seed = out, work, build_seed
+        self.conditions = sorted(conditions, key=condition_sort_key)
+        self.spool = SampleSpool()
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def add(self, sample: Sample) -> None:
+        self.spool.add(sample.key, sample_members(sample, self.build_seed))
+        self.rows[sample.key] = {
+            "sources": sample.source, "caption_sources": caption_source(sample),
+            "caption_words": len((sample.caption or "").split()), "phashes": sample.phash,
+            "coverage": {name: _coverage(sample, name) for name in self.conditions},
+        }
+
+    def finish(self) -> dict[str, Any]:
+        work, out = self.work, self.out
+        out.makedirs(SHARDS_DIR)
+        start = time.perf_counter()
+        keys = sorted(self.rows)
+        with out.open_atomic(f"{SHARDS_DIR}/{work.name}.tar") as handle:
+            sink = HashingWriter(handle)
+            with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for key in keys:
+                    for name, data in self.spool.members(key):
+                        _tar_member(tar, name, data)
+        self.spool.close()
+        seconds = {**work.seconds, "write": work.seconds.get("write", 0.0) + time.perf_counter() - start}
+        rows = [self.rows[k] for k in keys]
+        stats = {
+            "shard": work.name,
+            "inputs": len(work.inputs),
+            "samples": len(keys),
+            "bytes": sink.size,
+            "sha256": sink.sha.hexdigest(),
+            "conditions": self.conditions,
+            "rejected": dict(sorted(Counter(e["error"] for e in work.errors).items())),
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
+            "counters": dict(sorted(work.counters.items())),
+            "keys": keys,
+            # per sample, in key order like keys: what reports and dataset cards summarise
+            **{field: [row[field] for row in rows] for field in PER_SAMPLE_FIELDS if field != "keys"},
+            "coverage": {name: [row["coverage"][name] for row in rows] for name in self.conditions},
+            "errors": work.errors,
+        }
+        write_json(out, f"{SHARDS_DIR}/{work.name}_stats.json", stats)
+        return stats
+
+    def close(self) -> None:
+        self.spool.close()
 
 
 def write_shard(out: Output, work: ShardWork, build_seed: int, conditions: list[str]) -> dict[str, Any]:
-    """Write `shards/NAME.tar` and `shards/NAME_stats.json`; returns the stats."""
-    out.makedirs(SHARDS_DIR)
-    start = time.perf_counter()
-    samples = sorted(work.samples, key=lambda s: s.key)
-    data = shard_tar_bytes(samples, build_seed)
-    out.write_atomic(f"{SHARDS_DIR}/{work.name}.tar", data)
-    seconds = {**work.seconds, "write": time.perf_counter() - start}
-    stats = {
-        "shard": work.name,
-        "inputs": len(work.inputs),
-        "samples": len(samples),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "conditions": sorted(conditions, key=condition_sort_key),
-        "rejected": dict(sorted(Counter(e["error"] for e in work.errors).items())),
-        "seconds": {k: round(v, 4) for k, v in seconds.items()},
-        "counters": dict(sorted(work.counters.items())),
-        "keys": [s.key for s in samples],
-        "sources": [s.source for s in samples],
-        # per sample, in key order like keys/sources: what reports and dataset cards summarise
-        "caption_sources": [caption_source(s) for s in samples],
-        "caption_words": [len((s.caption or "").split()) for s in samples],
-        "phashes": [s.phash for s in samples],
-        "coverage": {name: [_coverage(s, name) for s in samples] for name in sorted(conditions, key=condition_sort_key)},
-        "errors": work.errors,
-    }
-    write_json(out, f"{SHARDS_DIR}/{work.name}_stats.json", stats)
-    return stats
+    """Write `shards/NAME.tar` and `shards/NAME_stats.json` from finished samples; returns the stats."""
+    writer = ShardWriter(out, work, build_seed, conditions)
+    try:
+        for sample in work.samples:
+            writer.add(sample)
+        return writer.finish()
+    finally:
+        writer.close()
 
 
 def _coverage(sample: Sample, name: str) -> float | None:
@@ -201,16 +251,17 @@ def drop_samples(out: Output, stats: dict[str, Any], drops: dict[str, dict[str, 
     """Remove samples (key -> its errors.jsonl record) from a finished shard: the tar is
     rewritten without them, then its stats (the completion marker) with them as errors."""
     tar_name = f"{SHARDS_DIR}/{stats['shard']}.tar"
-    data = _filter_tar(out.read_bytes(tar_name), set(drops))
+    with out.open_read(tar_name) as src, out.open_atomic(tar_name) as handle:
+        sink = HashingWriter(handle)
+        _copy_tar_without(src, sink, set(drops))
     stats["errors"].extend(drops.values())
     keep = [i for i, k in enumerate(stats["keys"]) if k not in drops]
     for field in PER_SAMPLE_FIELDS:
         if field in stats:
             stats[field] = [stats[field][i] for i in keep]
     stats["coverage"] = {name: [values[i] for i in keep] for name, values in stats.get("coverage", {}).items()}
-    stats.update(samples=len(keep), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+    stats.update(samples=len(keep), bytes=sink.size, sha256=sink.sha.hexdigest(),
                  rejected=dict(sorted(Counter(e["error"] for e in stats["errors"]).items())))
-    out.write_atomic(tar_name, data)
     write_json(out, f"{SHARDS_DIR}/{stats['shard']}_stats.json", stats)
 
 
@@ -256,13 +307,12 @@ def drop_near_duplicates(out: Output, all_stats: list[dict[str, Any]], max_dista
     return len(found)
 
 
-def _filter_tar(data: bytes, drop_keys: set[str]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
-        for member in src:
+def _copy_tar_without(src: IO[bytes], dst: IO[bytes], drop_keys: set[str]) -> None:
+    """Copy a shard tar member by member (streamed), leaving out the samples in drop_keys."""
+    with tarfile.open(fileobj=src, mode="r|") as source, tarfile.open(fileobj=dst, mode="w", format=tarfile.USTAR_FORMAT) as target:
+        for member in source:
             if member.name.split(".", 1)[0] not in drop_keys:
-                _tar_member(dst, member.name, src.extractfile(member).read())
-    return out.getvalue()
+                _tar_member(target, member.name, source.extractfile(member).read())
 
 
 def iter_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
