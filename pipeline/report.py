@@ -99,26 +99,43 @@ def write_thumbnails(out: Output, manifest: dict, conditions: list[str], limit: 
         want = wanted.get(entry["name"], 0)
         if not want:
             continue
+        shard, shown = Path(entry["name"]).stem, 0
         with out.fs.open(out.path(entry["name"]), "rb") as handle:
             for key, members in iter_samples(handle):
                 tiles = [members.get("jpg"), *(members.get(f"{c}.png") for c in conditions)]
                 strip = Image.new("RGB", (size * len(tiles), size), "white")
                 for i, data in enumerate(tiles):
                     if data is not None:
-                        tile = Image.open(io.BytesIO(data)).convert("RGB")
-                        scale = size / max(tile.size)  # small builds are drawn larger, pixels kept sharp
-                        tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
-                                           Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
-                        strip.paste(tile, (i * size, 0))
+                        strip.paste(_tile(data, size), (i * size, 0))
                 name = f"{REPORT_DIR}/{len(rows):05d}.jpg"
                 buf = io.BytesIO()
                 strip.save(buf, "JPEG", quality=80)
                 out.fs.pipe_file(out.path(name), buf.getvalue())  # rebuilt with the page: no rename needed
-                rows.append({"key": key, "shard": Path(entry["name"]).stem, "thumb": name,
+                rows.append({"key": key, "shard": shard, "thumb": name,
                              "caption": members.get("txt", b"").decode("utf-8", errors="replace").strip()})
-                if sum(1 for r in rows if r["shard"] == Path(entry["name"]).stem) >= want:
+                shown += 1
+                if shown >= want:
                     break
     return rows
+
+
+def _tile(data: bytes, size: int):
+    """An image or map scaled to fit size x size: a JPEG is decoded at a reduced scale
+    (draft) and everything is scaled before the RGB conversion, so a thumbnail costs a
+    fraction of a full decode. Small builds are drawn larger with their pixels kept sharp."""
+    from PIL import Image
+
+    tile = Image.open(io.BytesIO(data))
+    tile.draft("RGB", (size, size))
+    scale = size / max(tile.size)
+    target = (max(1, round(tile.width * scale)), max(1, round(tile.height * scale)))
+    if tile.mode not in ("RGB", "L"):
+        tile = tile.convert("RGB")
+    if scale < 1:
+        tile = tile.resize(target, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    else:
+        tile = tile.resize(target, Image.Resampling.NEAREST)
+    return tile.convert("RGB")
 
 
 def histogram_svg(values: list[float], bins: list[float], label: str, width: int = 360, height: int = 140) -> str:
