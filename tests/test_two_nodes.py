@@ -45,40 +45,38 @@ def _nodes(env: dict, address: str) -> int:
     return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else 0
 
 
+def _start_node(args: list[str], env: dict, address: str, nodes: int):
+    """`ray start` with fresh ports for every flag that ends in -port (up to 3 tries);
+    the running process once the cluster has `nodes` live nodes, else None."""
+    for _ in range(3):
+        process = _start([a if not a.endswith("-port") else f"{a}={free_port()}" for a in args], env)
+        deadline = time.time() + 120
+        while process.poll() is None and _nodes(env, address) < nodes and time.time() < deadline:
+            time.sleep(1)
+        if process.poll() is None and _nodes(env, address) >= nodes:
+            return process
+        _stop(process)
+    return None
+
+
 @pytest.mark.integration
 def test_a_build_survives_losing_a_node(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     head, second, build, address = None, None, None, ""
     try:
-        for _ in range(3):  # a port picked free can be taken before Ray binds it: start again on new ones
-            port = free_port()
-            address = f"127.0.0.1:{port}"
-            head = _start(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                           "--include-dashboard=false", *(f"{flag}={free_port()}" for flag in (
-                               "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
-                               "--metrics-export-port", "--dashboard-agent-listen-port",
-                               "--dashboard-agent-grpc-port", "--ray-client-server-port"))], env)
-            deadline = time.time() + 120
-            while head.poll() is None and _nodes(env, address) < 1 and time.time() < deadline:
-                time.sleep(1)
-            if head.poll() is None and _nodes(env, address) >= 1:
-                break
-            _stop(head)
-        assert head.poll() is None, "the head did not start (3 tries)"
-        for _ in range(3):
-            second = _start([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                             *(f"{flag}={free_port()}" for flag in (
-                                 "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
-                                 "--metrics-export-port", "--dashboard-agent-listen-port",
-                                 "--dashboard-agent-grpc-port"))], env)
-            deadline = time.time() + 120
-            while second.poll() is None and _nodes(env, address) < 2 and time.time() < deadline:
-                time.sleep(1)
-            if second.poll() is None and _nodes(env, address) >= 2:
-                break
-            _stop(second)
-        assert second.poll() is None, "the second node did not join (3 tries)"
+        # a port picked free can be taken before Ray binds it: each start is tried 3 times on new ports
+        ports = ("--node-manager-port", "--object-manager-port", "--runtime-env-agent-port", "--metrics-export-port",
+                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port")
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        head = _start_node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+                            "--include-dashboard=false", *ports, "--ray-client-server-port"], env, address, 1)
+        assert head is not None, "the head did not start (3 tries)"
+        second = _start_node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", *ports],
+                             env, address, 2)
+        assert second is not None, "the second node did not join (3 tries)"
+        deadline = time.time() + 120
 
         inputs = write_synthetic(tmp_path / "in", 60, size=(400, 300))
         (tmp_path / "in" / "broken.jpg").write_bytes(b"not a picture")
