@@ -9,7 +9,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def init_ray(address: str | None = None) -> None:
-    """Join `address` / RAY_ADDRESS / the `ray job submit` cluster, else start an embedded one."""
+    """Join `address` / RAY_ADDRESS / the `ray job submit` cluster, else start an embedded one.
+
+    The embedded one is always new (`address="local"`): a bare `ray.init()` would join the
+    last cluster `ray start` made on this machine, and when that one has died it waits for
+    its GCS for minutes and fails. To join a running cluster on this machine, pass "auto"."""
     import ray
 
     if ray.is_initialized():
@@ -21,4 +25,4 @@ def init_ray(address: str | None = None) -> None:
     else:
         # workers must import stages/ even when the package is not installed
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})

@@ -273,7 +273,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--executor", choices=["auto", "ray", "local"], help="auto (default): Ray for a cluster or a build of more "
         "than --auto-local-max-inputs inputs, else local; ray; local: one process, no Ray")
     add("--auto-local-max-inputs", type=int, help="auto runs builds up to this many inputs locally (default 64)")
-    add("--ray-address", help="Ray cluster to join (default RAY_ADDRESS, else an embedded local cluster)")
+    add("--ray-address", help="Ray cluster to join: host:port, ray://..., or auto for the one `ray start` made on this "
+        "machine (default RAY_ADDRESS, else a new embedded local cluster)")
     add("--preview", type=int, help="samples drawn into OUT/preview.png (default 16, 0 = none)")
     add("--report-samples", type=int, help="samples in the grid of OUT/report.html (default 1000, 0 = no report)")
     add("--lock-stale-seconds", type=float, help="a lock held from another host with no heartbeat for this long "
