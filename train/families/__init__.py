@@ -32,6 +32,8 @@ class Frozen:
     unet: Any
     scheduler: Any  # the training noise scheduler (DDPM)
     notes: set = field(default_factory=set)  # things said once (e.g. missing size records)
+    #: the family's diffusers pipeline around these parts, made once, for its encode_prompt
+    prompt_pipe: Any = field(default=None, repr=False)
 
     @property
     def vae_scale_factor(self) -> int:

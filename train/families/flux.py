@@ -43,14 +43,14 @@ def load(pretrained: str, dtype: torch.dtype) -> Frozen:
 
 
 def _prompt_pipeline(frozen: Frozen):
-    pipe = getattr(frozen, "_prompt_pipe", None)
+    pipe = frozen.prompt_pipe
     if pipe is None:
         from diffusers import FluxPipeline
 
         pipe = FluxPipeline(scheduler=frozen.scheduler, vae=frozen.vae, text_encoder=frozen.text_encoders[0],
                             tokenizer=frozen.tokenizers[0], text_encoder_2=frozen.text_encoders[1],
                             tokenizer_2=frozen.tokenizers[1], transformer=frozen.unet)
-        frozen._prompt_pipe = pipe
+        frozen.prompt_pipe = pipe
     return pipe
 
 

@@ -56,7 +56,7 @@ def _load_t5(pretrained: str):
 
 def _prompt_pipeline(frozen: Frozen):
     """The diffusers pipeline object, only for its encode_prompt (made once)."""
-    pipe = getattr(frozen, "_prompt_pipe", None)
+    pipe = frozen.prompt_pipe
     if pipe is None:
         from diffusers import StableDiffusion3Pipeline
 
@@ -66,7 +66,7 @@ def _prompt_pipeline(frozen: Frozen):
             text_encoder=frozen.text_encoders[0], tokenizer=frozen.tokenizers[0],
             text_encoder_2=frozen.text_encoders[1], tokenizer_2=frozen.tokenizers[1],
             text_encoder_3=frozen.text_encoders[2] if third else None, tokenizer_3=frozen.tokenizers[2] if third else None)
-        frozen._prompt_pipe = pipe
+        frozen.prompt_pipe = pipe
     return pipe
 
 
