@@ -207,6 +207,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     progress = tqdm(total=cfg.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="train")
     started, losses, samples_seen, first_step = time.perf_counter(), [], 0, global_step
+    step_times: list[float] = []  # perf_counter at the end of each optimiser step (benchmarks)
     for batch in loader:
         if global_step >= cfg.max_train_steps:
             break
@@ -227,7 +228,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
             ema.to(device)
             ema.step(accelerator.unwrap_model(controlnet).parameters())
         global_step += 1
-        elapsed = time.perf_counter() - started
+        step_times.append(time.perf_counter())
+        elapsed = step_times[-1] - started
         progress.update(1)
         progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}",
                              steps_s=f"{(global_step - first_step) / elapsed:.2f}",
@@ -259,7 +261,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
             {"global_step": global_step, "world_size": accelerator.num_processes, "rank_checksums": checksums}))
         log(f"saved ControlNet to {output_dir} ({accelerator.num_processes} process(es), weights agree)")
     accelerator.end_training()
-    return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir),
+    return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir), "step_times": step_times,
             "models": {"controlnet": accelerator.unwrap_model(controlnet), "unet": accelerator.unwrap_model(unet),
                        "vae": vae, "text_encoder": frozen.text_encoders[0], "frozen": frozen}}
 
