@@ -4,8 +4,9 @@ On Ray, consecutive CPU steps fuse into one task per shard (read -> decode ->
 annotate -> write never leaves the worker); a model-holding step (`actor=True`)
 becomes an actor pool, one model per actor, fed one shard at a time. Shards
 travel between operators as pickled bytes, so Arrow never has to understand them;
-what travels is the shard's JPEGs and metadata: the CPU annotators run in the last
-task, which spools each finished sample to local disk (stages/spool.py).
+what travels is the shard's JPEGs and metadata: every annotator runs in the last step
+(a CPU task, or with GPUs the actor holding the network annotators), which spools each
+finished sample to local disk (stages/spool.py).
 """
 
 from __future__ import annotations

@@ -162,10 +162,10 @@ class Annotate(Step):
     """The named conditions for every sample; a failure drops that sample only.
 
     Every annotator sees the stored JPEG's pixels, what the trainer will load, whatever
-    the plan. In the writer task (CPU annotators): WriteShard calls `annotate_one` on one
-    sample at a time and spools the result to disk, so conditions never pile up in memory
-    nor travel between tasks. As a step (network annotators in a GPU actor): samples go
-    through each annotator in batches of its `batch_size`, decoded chunk by chunk."""
+    the plan. Both uses are inside the writer (WriteShard), which spools each finished
+    sample to disk, so maps never pile up in memory nor travel between tasks: CPU
+    annotators through `annotate_one`, one sample at a time; network annotators on GPUs
+    through `annotate_chunk`, a chunk of samples in batches of each one's `batch_size`."""
 
     name = "annotate"
 
@@ -195,11 +195,24 @@ class Annotate(Step):
                 return False
         return True
 
+    @property
+    def chunk_size(self) -> int:
+        return max((a.batch_size for a in self.annotators.values()), default=1)
+
     def __call__(self, work: ShardWork) -> ShardWork:
+        kept = []
+        for start in range(0, len(work.samples), self.chunk_size):
+            kept += self.annotate_chunk(work, work.samples[start:start + self.chunk_size])
+        work.samples = kept
+        return work
+
+    def annotate_chunk(self, work: ShardWork, samples: list[Sample]) -> list[Sample]:
+        """Every annotator on these samples, in batches; returns the ones that got every map.
+        Decoded images live for one chunk only."""
         self._setup()
         dropped: set[str] = set()
         for name, annotator in self.annotators.items():
-            todo = [s for s in work.samples if name not in s.conditions and s.key not in dropped]
+            todo = [s for s in samples if name not in s.conditions and s.key not in dropped]
             for start in range(0, len(todo), annotator.batch_size):
                 chunk, images = [], []
                 with timed(work, "decode"):
@@ -218,8 +231,7 @@ class Annotate(Step):
                 for sample, image, seed, result in zip(chunk, images, seeds, results):
                     if not self._store(work, sample, name, annotator, image, seed, result):
                         dropped.add(sample.key)
-        work.samples = [s for s in work.samples if s.key not in dropped]
-        return work
+        return [s for s in samples if s.key not in dropped]
 
     def _store(self, work, sample, name, annotator, image, seed, result) -> bool:
         if isinstance(result, Rejected):
@@ -332,25 +344,36 @@ class EncodeLatents(Step):
 
 
 class WriteShard(Step):
-    """The end of the line: the CPU annotators on each sample in turn (from its stored
-    JPEG), the sample spooled to local disk, then the shard tar and its stats; returns
-    the stats. A task here holds the shard's JPEGs and one sample's conditions."""
+    """The end of the line: each sample's conditions, the sample spooled to local disk,
+    then the shard tar and its stats; returns the stats. The CPU annotators run on one
+    sample at a time (from its stored JPEG). With GPUs, this step is the actor that holds
+    the network annotators: they run on a chunk of samples at a time (their batch), which
+    is then spooled, so no condition map ever leaves the task that made it. A task here
+    holds the shard's JPEGs and one chunk's maps."""
 
     name = "write"
 
-    def __init__(self, cfg, annotate: Annotate | None = None):
+    def __init__(self, cfg, annotate: Annotate | None = None, gpu_annotate: Annotate | None = None):
         self.cfg = cfg
         self.annotate = annotate
+        self.gpu_annotate = gpu_annotate
+        self.num_gpus = gpu_annotate.num_gpus if gpu_annotate is not None else 0.0
+        self.actor = gpu_annotate is not None
 
     def __call__(self, work: ShardWork) -> dict[str, Any]:
         writer = ShardWriter(Output(self.cfg.output), work, self.cfg.seed, self.cfg.conditions)
+        size = self.gpu_annotate.chunk_size if self.gpu_annotate is not None else 1
         try:
             samples, work.samples = work.samples, []
-            for i, sample in enumerate(samples):
-                samples[i] = None  # its bytes go to the spool; keep no second reference
-                if self.annotate is None or self._annotate(work, sample):
-                    with timed(work, "write"):
-                        writer.add(sample)
+            for start in range(0, len(samples), size):
+                chunk = samples[start:start + size]
+                samples[start:start + size] = [None] * len(chunk)  # their bytes go to the spool; no second reference
+                if self.gpu_annotate is not None:
+                    chunk = self.gpu_annotate.annotate_chunk(work, chunk)
+                for sample in chunk:
+                    if self.annotate is None or self._annotate(work, sample):
+                        with timed(work, "write"):
+                            writer.add(sample)
             return writer.finish()
         finally:
             writer.close()
@@ -367,10 +390,10 @@ class WriteShard(Step):
 
 def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0, annotator_num_gpus: float = 0.0) -> list[Step]:
     """Decode, then the model steps that read only the JPEGs (captioner, CLIP gate, VAE
-    latents), then the network annotators' GPU actor when there are GPUs, and last the
-    writer task, which runs the CPU annotators sample by sample. So the models see no
-    samples a cheaper gate would drop, and condition maps cross at most one task boundary
-    (GPU annotators' maps, to the writer), never a shard's worth of CPU maps."""
+    latents), then the writer, which makes every condition map and spools it: on a CPU
+    task, or with GPUs as the actor that holds the network annotators (the CPU annotators
+    run there too). So the models see no samples a cheaper gate would drop, and condition
+    maps never cross a task boundary."""
     networks = [n for n in cfg.conditions if annotator_registry.REGISTRY[n].uses_model] if annotator_num_gpus else []
     plain = [n for n in cfg.conditions if n not in networks]
     steps: list[Step] = [ReadDecode(cfg)]
@@ -380,7 +403,6 @@ def make_steps(cfg, needs_captioner: bool, caption_num_gpus: float = 0.0, annota
         steps.append(ClipGate(cfg, annotator_num_gpus or caption_num_gpus))
     if getattr(cfg, "latents", None):
         steps.append(EncodeLatents(cfg, annotator_num_gpus or caption_num_gpus))
-    if networks:
-        steps.append(Annotate(cfg, networks, annotator_num_gpus))
-    steps.append(WriteShard(cfg, Annotate(cfg, plain) if plain else None))
+    steps.append(WriteShard(cfg, Annotate(cfg, plain) if plain else None,
+                            Annotate(cfg, networks, annotator_num_gpus) if networks else None))
     return steps

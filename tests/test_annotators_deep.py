@@ -254,11 +254,11 @@ def test_batched_step_matches_per_image_calls(aux_weights, hf_models, tmp_path):
 
 
 def test_gpu_plan_moves_network_annotators_to_one_actor(tmp_path):
-    """The plan a GPU cluster gets: network annotators in one actor step before the
-    writer task, which runs the CPU annotators. Run by the local executor, which pickles
-    between step groups where Ray would, so no GPU is needed to check the wiring. Every
-    annotator sees the stored JPEG in both plans, so here (all on a CPU) both plans give
-    the same bytes."""
+    """The plan a GPU cluster gets: the writer is the GPU actor that holds the network
+    annotators (and runs the CPU ones), so no map leaves it. Run by the local executor,
+    which pickles between step groups where Ray would, so no GPU is needed to check the
+    wiring. Every annotator sees the stored JPEG in both plans, so here (all on a CPU)
+    both plans give the same bytes."""
     import tarfile
 
     from conftest import write_synthetic
@@ -276,12 +276,12 @@ def test_gpu_plan_moves_network_annotators_to_one_actor(tmp_path):
                           min_size=64, caption_model="none", annotator_params={"mlsd": {"method": "hough"}})
         steps = make_steps(cfg, False, 0.0, gpus)
         assert list(steps[-1].annotate.annotators) == (["canny"] if gpus else ["canny", "mlsd"])
+        assert [type(s).__name__ for s in steps] == ["ReadDecode", "WriteShard"]
         if gpus:
-            assert [type(s).__name__ for s in steps] == ["ReadDecode", "Annotate", "WriteShard"]
-            assert [s.actor for s in steps] == [False, True, False] and steps[1].num_gpus == 0.5
-            assert list(steps[1].annotators) == ["mlsd"] and len(_group(steps)) == 3
+            assert [s.actor for s in steps] == [False, True] and steps[1].num_gpus == 0.5
+            assert list(steps[1].gpu_annotate.annotators) == ["mlsd"] and len(_group(steps)) == 2
         else:
-            assert [type(s).__name__ for s in steps] == ["ReadDecode", "WriteShard"] and len(_group(steps)) == 1
+            assert steps[1].gpu_annotate is None and not steps[1].actor and len(_group(steps)) == 1
         [stats] = run_local(steps, plan_shards(list_inputs(cfg.input), 10))
         assert stats["samples"] == 3
         with tarfile.open(out / "shards" / "00000.tar") as tar:

@@ -12,6 +12,7 @@ import tarfile
 import tracemalloc
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import write_synthetic
@@ -58,9 +59,11 @@ def test_writer_peak_does_not_grow_with_shard_size(tmp_path):
     assert large < stats["bytes"] / 4
 
 
-def test_cpu_conditions_never_cross_a_task_boundary(tmp_path, tiny_blip):
+@pytest.mark.parametrize("annotator_gpus", [0.0, 0.5])
+def test_conditions_never_cross_a_task_boundary(tmp_path, tiny_blip, annotator_gpus):
     """With an actor step in the plan (the captioner), the shard that crosses to it and
-    back carries JPEGs and captions only; the maps appear in the writer task."""
+    back carries JPEGs and captions only; the maps appear in the writer task, which with
+    GPUs is the actor holding the network annotators (mlsd here; run on this CPU)."""
     from pipeline.config import BuildConfig
     from pipeline.executors import _group, run_steps
     from stages.readers import list_inputs
@@ -68,10 +71,12 @@ def test_cpu_conditions_never_cross_a_task_boundary(tmp_path, tiny_blip):
     from stages.steps import make_steps
 
     write_synthetic(tmp_path / "in", 4)
-    cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "out"), conditions=["canny"],
-                      min_size=64, caption_model=str(tiny_blip), caption_max_tokens=4)
-    groups = _group(make_steps(cfg, True))
+    cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "out"), conditions=["canny", "mlsd"],
+                      min_size=64, caption_model=str(tiny_blip), caption_max_tokens=4,
+                      annotator_params={"mlsd": {"method": "hough"}})
+    groups = _group(make_steps(cfg, True, 0.0, annotator_gpus))
     assert [[type(s).__name__ for s in g] for g in groups] == [["ReadDecode"], ["Caption"], ["WriteShard"]]
+    assert groups[-1][0].actor == (annotator_gpus > 0)
     work = plan_shards(list_inputs(cfg.input), 10)[0]
     crossed = []
     for group in groups[:-1]:
@@ -86,7 +91,7 @@ def test_cpu_conditions_never_cross_a_task_boundary(tmp_path, tiny_blip):
     with tarfile.open(tmp_path / "out" / "shards" / "00000.tar") as tar:
         names = [m.name for m in tar]
         first = tar.extractfile(names[0]).read()
-    assert stats["samples"] == 4 and sum(n.endswith(".canny.png") for n in names) == 4
+    assert stats["samples"] == 4 and sum(n.endswith((".canny.png", ".mlsd.png")) for n in names) == 8
     assert Image.open(io.BytesIO(first)).format == "JPEG"
 
 
@@ -105,3 +110,28 @@ def test_spool_round_trip_and_refuses_a_repeated_key():
             assert "already" in str(exc)
         else:
             raise AssertionError("a repeated key was accepted")
+
+
+def test_gpu_writer_spools_each_chunk_before_annotating_the_next(tmp_path, monkeypatch):
+    """With GPUs the writer actor runs the network annotators a chunk (their batch) at a
+    time and spools that chunk before the next: maps of one chunk at most in memory."""
+    from pipeline.config import BuildConfig
+    from stages import writer
+    from stages.readers import list_inputs
+    from stages.shard import plan_shards
+    from stages.steps import make_steps
+
+    write_synthetic(tmp_path / "in", 20, size=(96, 80))
+    cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "out"), conditions=["canny", "mlsd"],
+                      resolution=64, min_size=64, caption_model="none", annotator_params={"mlsd": {"method": "hough"}})
+    read, write = make_steps(cfg, False, 0.0, 0.5)
+    assert write.actor and list(write.gpu_annotate.annotators) == ["mlsd"] and write.gpu_annotate.chunk_size == 8
+    events = []
+    annotate_chunk = write.gpu_annotate.annotate_chunk
+    monkeypatch.setattr(write.gpu_annotate, "annotate_chunk",
+                        lambda work, samples: events.append(len(samples)) or annotate_chunk(work, samples))
+    add = writer.ShardWriter.add
+    monkeypatch.setattr(writer.ShardWriter, "add", lambda self, sample: events.append("add") or add(self, sample))
+    stats = write(read(plan_shards(list_inputs(cfg.input), 100)[0]))
+    assert stats["samples"] == 20
+    assert events == [8, *["add"] * 8, 8, *["add"] * 8, 4, *["add"] * 4]
