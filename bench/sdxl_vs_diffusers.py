@@ -85,15 +85,19 @@ def main() -> None:
                   "--train_batch_size", str(args.batch), "--max_train_steps", str(args.steps), "--learning_rate", "1e-5",
                   "--output_dir", str(work / "diffusers-out"), "--checkpointing_steps", "100000", "--seed", "0",
                   "--report_to", "tensorboard"], work)
-    ours = run([sys.executable, "-m", "pipeline.cli", "train", "--shards", str(work / "build"), "--pretrained-model",
-                str(base), "--resolution", "64", "--train-batch-size", str(args.batch), "--max-train-steps",
-                str(args.steps), "--learning-rate", "1e-5", "--output-dir", str(work / "ours-out"),
-                "--checkpointing-steps", "100000", "--num-validation-images", "0", "--report-to", "none",
-                "--prompt-dropout", "0"], ROOT)
-    print(f"tiny SDXL, 64 px, batch {common['batch']}, {common['steps']} steps, CPU:")
-    print(f"  diffusers train_controlnet_sdxl.py: {theirs[0]:.2f} steps/s, peak RSS {theirs[1]:.2f} GiB")
-    print(f"  controlforge train:                 {ours[0]:.2f} steps/s, peak RSS {ours[1]:.2f} GiB")
-    print(f"  ratio controlforge / diffusers: {ours[0] / theirs[0]:.2f}x steps/s, {ours[1] / theirs[1]:.2f}x memory")
+    ours = {workers: run([sys.executable, "-m", "pipeline.cli", "train", "--shards", str(work / "build"),
+                          "--pretrained-model", str(base), "--resolution", "64", "--train-batch-size", str(args.batch),
+                          "--max-train-steps", str(args.steps), "--learning-rate", "1e-5",
+                          "--output-dir", str(work / f"ours-out-{workers}"), "--checkpointing-steps", "100000",
+                          "--num-validation-images", "0", "--report-to", "none", "--prompt-dropout", "0",
+                          "--dataloader-num-workers", str(workers)], ROOT)
+            for workers in (0, 2)}
+    print(f"tiny SDXL, 64 px, batch {common['batch']}, {common['steps']} steps, CPU (peak RSS: the process and its "
+          f"loader workers):")
+    print(f"  diffusers train_controlnet_sdxl.py (0 loader workers): {theirs[0]:.2f} steps/s, peak RSS {theirs[1]:.2f} GiB")
+    for workers, (rate, rss, _) in ours.items():
+        print(f"  controlforge train, {workers} loader workers:          {rate:.2f} steps/s, peak RSS {rss:.2f} GiB"
+              f"  ({rate / theirs[0]:.2f}x steps/s, {rss / theirs[1]:.2f}x memory)")
 
 
 if __name__ == "__main__":
