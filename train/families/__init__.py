@@ -132,6 +132,28 @@ def initialise(layers, init: str) -> None:
         raise FamilyError(f"controlnet init must be 'zero' or 'random', got {init!r}")
 
 
+def load_frozen(family, pretrained: str, dtype: torch.dtype, example: str, tokenizers: list, text_encoders: list,
+                denoiser: tuple, scheduler) -> Frozen:
+    """A base's parts, each `(class, subfolder)` (the scheduler a class, from `scheduler/`),
+    loaded, frozen, in eval mode; text encoders and VAE cast to `dtype`. A part that cannot
+    be loaded fails with `load_error`, naming the base and how to get it offline."""
+    from diffusers import AutoencoderKL
+
+    try:
+        loaded_tokenizers = [cls.from_pretrained(pretrained, subfolder=sub) for cls, sub in tokenizers]
+        encoders = [cls.from_pretrained(pretrained, subfolder=sub) for cls, sub in text_encoders]
+        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
+        net = denoiser[0].from_pretrained(pretrained, subfolder=denoiser[1])
+        noise_scheduler = scheduler.from_pretrained(pretrained, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise load_error(pretrained, exc, example) from None
+    for module in (*encoders, vae, net):
+        module.requires_grad_(False)
+        module.eval()
+    return Frozen(family, pretrained, loaded_tokenizers, [e.to(dtype) for e in encoders], vae.to(dtype), net,
+                  noise_scheduler)
+
+
 def load_error(pretrained: str, exc: BaseException, example: str) -> FamilyError:
     return FamilyError(f"cannot load the base model {pretrained!r} ({type(exc).__name__}: {str(exc)[:200]}). "
                        f"Without hub access, download it elsewhere (`huggingface-cli download {example} --local-dir "

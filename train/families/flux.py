@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import FamilyError, Frozen, flow, initialise, load_error
+from . import FamilyError, Frozen, flow, initialise, load_frozen
 
 NAME = "flux"
 PIPELINE = "FluxControlNetPipeline"
@@ -22,24 +22,13 @@ EXTRA_PIPELINE_ARGS = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
 
 
 def load(pretrained: str, dtype: torch.dtype) -> Frozen:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    try:
-        tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer"),
-                      T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_2")]
-        encoders = [CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder"),
-                    T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_2")]
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
-        transformer = FluxTransformer2DModel.from_pretrained(pretrained, subfolder="transformer")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    except (OSError, ValueError) as exc:
-        raise load_error(pretrained, exc, "black-forest-labs/FLUX.1-dev") from None
-    for module in (*encoders, vae, transformer):
-        module.requires_grad_(False)
-        module.eval()
-    return Frozen(sys.modules[__name__], pretrained, tokenizers, [e.to(dtype) for e in encoders], vae.to(dtype),
-                  transformer, scheduler)
+    return load_frozen(sys.modules[__name__], pretrained, dtype, "black-forest-labs/FLUX.1-dev",
+                       [(CLIPTokenizer, "tokenizer"), (T5TokenizerFast, "tokenizer_2")],
+                       [(CLIPTextModel, "text_encoder"), (T5EncoderModel, "text_encoder_2")],
+                       (FluxTransformer2DModel, "transformer"), FlowMatchEulerDiscreteScheduler)
 
 
 def _prompt_pipeline(frozen: Frozen):

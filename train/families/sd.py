@@ -7,29 +7,19 @@ from typing import Any
 
 import torch
 
-from . import Frozen, load_error
+from . import Frozen, load_frozen
 
 NAME = "sd"
 PIPELINE = "StableDiffusionControlNetPipeline"
 
 
 def load(pretrained: str, dtype: torch.dtype) -> Frozen:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
-        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    except (OSError, ValueError) as exc:
-        raise load_error(pretrained, exc, "stable-diffusion-v1-5/stable-diffusion-v1-5") from None
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-        module.eval()
-    return Frozen(sys.modules[__name__], pretrained, [tokenizer], [text_encoder.to(dtype)], vae.to(dtype),
-                  unet, scheduler)
+    return load_frozen(sys.modules[__name__], pretrained, dtype, "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                       [(CLIPTokenizer, "tokenizer")], [(CLIPTextModel, "text_encoder")],
+                       (UNet2DConditionModel, "unet"), DDPMScheduler)
 
 
 def conditioning(frozen: Frozen, prompts: list[str], device, sizes: Any = None,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import FamilyError, Frozen, flow, initialise, load_error
+from . import FamilyError, Frozen, flow, initialise, load_frozen
 
 NAME = "sd3"
 PIPELINE = "StableDiffusion3ControlNetPipeline"
@@ -20,38 +20,20 @@ MAX_SEQUENCE_LENGTH = 77  # T5 tokens, as diffusers' SD3 ControlNet training scr
 
 
 def load(pretrained: str, dtype: torch.dtype) -> Frozen:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    try:
-        tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-        encoders = [CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder=s)
-                    for s in ("text_encoder", "text_encoder_2")]
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
-        transformer = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    except (OSError, ValueError) as exc:
-        raise load_error(pretrained, exc, "stabilityai/stable-diffusion-3-medium-diffusers") from None
-    t5 = _load_t5(pretrained)
-    if t5 is not None:
-        tokenizers.append(t5[0])
-        encoders.append(t5[1])
-    for module in (*encoders, vae, transformer):
-        module.requires_grad_(False)
-        module.eval()
-    return Frozen(sys.modules[__name__], pretrained, tokenizers, [e.to(dtype) for e in encoders], vae.to(dtype),
-                  transformer, scheduler)
-
-
-def _load_t5(pretrained: str):
+    """T5 (text_encoder_3) is loaded when the base has it; without it the pipeline's zeros
+    stand in for its embeddings, as diffusers does."""
     import os
 
-    if not os.path.isdir(os.path.join(pretrained, "text_encoder_3")):
-        return None
-    from transformers import AutoTokenizer, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-    return (AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_3"),
-            T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3"))
+    tokenizers = [(CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2")]
+    encoders = [(CLIPTextModelWithProjection, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")]
+    if os.path.isdir(os.path.join(pretrained, "text_encoder_3")):
+        tokenizers.append((AutoTokenizer, "tokenizer_3"))
+        encoders.append((T5EncoderModel, "text_encoder_3"))
+    return load_frozen(sys.modules[__name__], pretrained, dtype, "stabilityai/stable-diffusion-3-medium-diffusers",
+                       tokenizers, encoders, (SD3Transformer2DModel, "transformer"), FlowMatchEulerDiscreteScheduler)
 
 
 def _prompt_pipeline(frozen: Frozen):

@@ -9,30 +9,20 @@ from typing import Any
 
 import torch
 
-from . import Frozen, load_error
+from . import Frozen, load_frozen
 
 NAME = "sdxl"
 PIPELINE = "StableDiffusionXLControlNetPipeline"
 
 
 def load(pretrained: str, dtype: torch.dtype) -> Frozen:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    try:
-        tokenizers = [CLIPTokenizer.from_pretrained(pretrained, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-        encoders = [CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder"),
-                    CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2")]
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
-        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    except (OSError, ValueError) as exc:
-        raise load_error(pretrained, exc, "stabilityai/stable-diffusion-xl-base-1.0") from None
-    for module in (*encoders, vae, unet):
-        module.requires_grad_(False)
-        module.eval()
-    return Frozen(sys.modules[__name__], pretrained, tokenizers, [e.to(dtype) for e in encoders],
-                  vae.to(dtype), unet, scheduler)
+    return load_frozen(sys.modules[__name__], pretrained, dtype, "stabilityai/stable-diffusion-xl-base-1.0",
+                       [(CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2")],
+                       [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")],
+                       (UNet2DConditionModel, "unet"), DDPMScheduler)
 
 
 def time_ids(sizes: Any, batch: int, target: tuple[int, int]) -> torch.Tensor:
