@@ -13,6 +13,7 @@ import itertools
 import os
 import sys
 import time
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from stages.captioner import CaptionModelError  # noqa: E402
 from stages.listing import open_listing  # noqa: E402
 from stages.readers import InputError, InputRef  # noqa: E402
 from stages.steps import make_steps  # noqa: E402
-from stages import writer  # noqa: E402
+from stages import consolidate, writer  # noqa: E402
 from stages.lock import BuildLock, LockedError  # noqa: E402
 from stages.output import Output  # noqa: E402
 
@@ -187,34 +188,31 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     results = (run_local(steps, todo) if cfg.executor == "local"
                else run_ray_windows(steps, todo, cfg.num_cpus, caption_actors))
 
-    new_stats = []
+    built = {"shards": 0, "samples": 0, "seconds": Counter()}  # the driver keeps totals, not the shards' stats
     for stats in results:  # each shard has written its own completion marker: O(1) here
-        new_stats.append(stats)
+        built["shards"] += 1
+        built["samples"] += stats["samples"]
+        built["seconds"].update(stats["seconds"])
         rejected = sum(stats["rejected"].values())
         total = "" if listing.streamed and listing.known_count is None else f"/{len(listing.planned)}"
         log(f"  shard {stats['shard']}: {stats['samples']} samples, {rejected} rejected "
-            f"[{len(done) + len(new_stats)}{total}]")
+            f"[{len(done) + built['shards']}{total}]")
     for _ in listing.works:  # a streamed list whose remaining shards were all done: count its rows
         pass
 
-    all_stats = [writer.load_stats(out, name) for name in listing.planned]
+    ended = consolidate.finish(out, listing.planned, cfg.near_duplicates, log)
     manifest["inputs"] = listing.count
-    writer.drop_cross_shard_duplicates(out, all_stats, cfg.seed)  # updates the stats it changes in place
-    if cfg.near_duplicates is not None:
-        dropped = writer.drop_near_duplicates(out, all_stats, cfg.near_duplicates)
-        log(f"near-duplicates (pHash distance <= {cfg.near_duplicates}): {dropped} removed")
-    manifest["shards"] = [writer.manifest_entry(s) for s in sorted(all_stats, key=lambda s: s["shard"])]
-    manifest["samples"] = sum(e["samples"] for e in manifest["shards"])
-    manifest["rejected"] = sum(len(s["errors"]) for s in all_stats)
+    manifest["shards"] = ended["entries"]
+    manifest["samples"] = ended["samples"]
+    manifest["rejected"] = sum(ended["rejected"].values())
     manifest["complete"] = True
-    writer.write_errors(out, all_stats)
     writer.write_wids_index(out, manifest)
     writer.save_manifest(out, manifest)
 
     wall = time.perf_counter() - started
     summary = {"inputs": listing.count, "samples": manifest["samples"], "shards": len(listing.planned),
-               "shards_built": len(new_stats),
-               "all_stats": all_stats, "new_stats": new_stats, "wall_seconds": wall, "list_seconds": list_seconds}
+               "shards_built": built["shards"], "samples_built": built["samples"], "stage_seconds": built["seconds"],
+               "rejected": ended["rejected"], "wall_seconds": wall, "list_seconds": list_seconds}
     log(format_summary(summary))
     if cfg.preview and manifest["samples"]:
         from pipeline.preview import contact_sheet, png_bytes

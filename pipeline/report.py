@@ -31,43 +31,53 @@ class ReportError(ValueError):
     pass
 
 
+COVERAGE_BINS = 20  # histogram bins over [0, 1]
+
+
 def collect(out: Output) -> dict[str, Any]:
-    """Everything the page shows except the thumbnails: manifest, per-shard stats, errors.jsonl."""
+    """Everything the page shows except the thumbnails, read as a stream: the manifest, each
+    shard's stats in turn, errors.jsonl line by line. Per-sample figures are kept as
+    histogram counts, not lists, so memory does not grow with the build."""
     manifest = load_manifest(out)
     if manifest is None:
         raise ReportError(f"{out.url}: no manifest.json: not a build folder (or the build has not written a shard yet)")
-    stats = [load_stats(out, Path(entry["name"]).stem) for entry in manifest["shards"]]
-    errors = []
-    if out.exists("errors.jsonl"):
-        for number, line in enumerate(out.read_text("errors.jsonl").splitlines(), 1):
-            if line.strip():
-                try:
-                    errors.append(json.loads(line))
-                except json.JSONDecodeError:
-                    errors.append({"error": "unreadable_line", "source": f"errors.jsonl line {number}",
-                                   "message": line[:200]})
-    reasons = Counter(e.get("error", "unknown") for e in errors)
+    reasons: Counter = Counter()
     examples: dict[str, list[dict]] = defaultdict(list)
-    for e in errors:
-        reason = e.get("error", "unknown")
-        if len(examples[reason]) < EXAMPLES_PER_REASON:
-            examples[reason].append({k: str(e.get(k, "")) for k in ("source", "stage", "message")})
+    if out.exists("errors.jsonl"):
+        with out.open_read("errors.jsonl") as handle:
+            for number, raw in enumerate(handle, 1):
+                line = raw.decode("utf-8", errors="replace")
+                if not line.strip():
+                    continue
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    e = {"error": "unreadable_line", "source": f"errors.jsonl line {number}", "message": line[:200]}
+                reason = e.get("error", "unknown")
+                reasons[reason] += 1
+                if len(examples[reason]) < EXAMPLES_PER_REASON:
+                    examples[reason].append({k: str(e.get(k, "")) for k in ("source", "stage", "message")})
     seconds: Counter = Counter()
-    coverage: dict[str, list[float]] = defaultdict(list)
-    caption_words: list[int] = []
+    coverage: dict[str, list[int]] = {}
+    caption_words: Counter = Counter()
     caption_sources: Counter = Counter()
-    for s in stats:
+    for entry in manifest["shards"]:
+        s = load_stats(out, Path(entry["name"]).stem)
         seconds.update(s.get("seconds", {}))
         for name, values in s.get("coverage", {}).items():
-            coverage[name].extend(v for v in values if v is not None)
-        caption_words.extend(s.get("caption_words", []))
+            counts = coverage.setdefault(name, [0] * COVERAGE_BINS)
+            for v in values:
+                if v is not None:
+                    counts[min(COVERAGE_BINS - 1, max(0, int(v * COVERAGE_BINS)))] += 1
+        caption_words.update(s.get("caption_words", []))
         caption_sources.update(s.get("caption_sources", []))
     conditions = sorted({c for entry in manifest["shards"] for c in entry.get("conditions", [])}
                         or manifest["config"].get("conditions", []), key=condition_sort_key)
     return {"samples": sum(e["samples"] for e in manifest["shards"]), "shards": len(manifest["shards"]),
             "inputs": manifest.get("inputs"), "complete": manifest.get("complete", False),
             "rejected": sum(reasons.values()), "reasons": dict(reasons.most_common()), "examples": dict(examples),
-            "seconds": dict(sorted(seconds.items())), "coverage": dict(coverage), "caption_words": caption_words,
+            "seconds": dict(sorted(seconds.items())), "coverage": coverage,
+            "caption_words": dict(sorted(caption_words.items())),
             "caption_sources": dict(caption_sources.most_common()), "conditions": conditions,
             "config": manifest.get("config", {})}
 
@@ -138,12 +148,8 @@ def _tile(data: bytes, size: int):
     return tile.convert("RGB")
 
 
-def histogram_svg(values: list[float], bins: list[float], label: str, width: int = 360, height: int = 140) -> str:
-    """A bar chart as inline SVG (no script, no network): counts per [bins[i], bins[i+1])."""
-    counts = [0] * (len(bins) - 1)
-    for v in values:
-        i = next((j for j in range(len(bins) - 1) if v < bins[j + 1]), len(bins) - 2)
-        counts[max(0, i)] += 1
+def histogram_svg(counts: list[int], bins: list[float], label: str, width: int = 360, height: int = 140) -> str:
+    """A bar chart as inline SVG (no script, no network): counts[i] over [bins[i], bins[i+1])."""
     top = max(counts) or 1
     bar_w = (width - 40) / len(counts)
     bars = []
@@ -171,17 +177,19 @@ def render(data: dict[str, Any], rows: list[dict], per_page: int) -> str:
                    if seconds else "<p>No stage timings recorded.</p>")
     hists = []
     for name in data["conditions"]:
-        values = data["coverage"].get(name, [])
-        body = (histogram_svg(values, [i / 20 for i in range(21)], f"{name} coverage") if values
-                else "<p>not recorded for this build</p>")
-        hists.append(f'<figure><figcaption>{e(name)}: share of non-zero pixels ({len(values)} samples)'
+        counts = data["coverage"].get(name)
+        body = (histogram_svg(counts, [i / COVERAGE_BINS for i in range(COVERAGE_BINS + 1)], f"{name} coverage")
+                if counts and sum(counts) else "<p>not recorded for this build</p>")
+        hists.append(f'<figure><figcaption>{e(name)}: share of non-zero pixels ({sum(counts or [])} samples)'
                      f'</figcaption>{body}</figure>')
-    words = data["caption_words"]
+    words = data["caption_words"]  # {word count: samples}
     if words:
         top = max(max(words), 1)
         step = max(1, math.ceil((top + 1) / 20))
-        hists.append(f'<figure><figcaption>caption length in words ({len(words)} samples)</figcaption>'
-                     f'{histogram_svg(words, list(range(0, top + step + 1, step)), "caption length")}</figure>')
+        bins = list(range(0, top + step + 1, step))
+        counts = [sum(n for w, n in words.items() if bins[i] <= w < bins[i + 1]) for i in range(len(bins) - 1)]
+        hists.append(f'<figure><figcaption>caption length in words ({sum(words.values())} samples)</figcaption>'
+                     f'{histogram_svg(counts, bins, "caption length")}</figure>')
     sources = "; ".join(f"{e(k)} ({v} samples)" for k, v in data["caption_sources"].items()) or "not recorded"
     grid_note = (f"{len(rows)} of {data['samples']} samples shown" + (", spread over the shards" if len(rows) <
                                                                        data["samples"] else ""))

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    all_stats = summary["all_stats"]
-    rejected = Counter()
-    for stats in all_stats:
-        rejected.update(e["error"] for e in stats["errors"])
-    stage_seconds = Counter()
-    for stats in summary["new_stats"]:
-        stage_seconds.update(stats["seconds"])
-    built = sum(s["samples"] for s in summary["new_stats"])
+    rejected = summary["rejected"]
+    stage_seconds = summary["stage_seconds"]
+    built = summary["samples_built"]
     wall = summary["wall_seconds"]
     rows = [
         ("inputs", f"{summary['inputs']}"),

@@ -241,12 +241,6 @@ def write_wids_index(out: Output, manifest: dict[str, Any]) -> None:
     })
 
 
-def write_errors(out: Output, all_stats: list[dict[str, Any]]) -> int:
-    lines = [json.dumps(err, ensure_ascii=False) for stats in all_stats for err in stats["errors"]]
-    out.write_atomic("errors.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
-    return len(lines)
-
-
 def drop_samples(out: Output, stats: dict[str, Any], drops: dict[str, dict[str, Any]]) -> None:
     """Remove samples (key -> its errors.jsonl record) from a finished shard: the tar is
     rewritten without them, then its stats (the completion marker) with them as errors."""
@@ -263,48 +257,6 @@ def drop_samples(out: Output, stats: dict[str, Any], drops: dict[str, dict[str, 
     stats.update(samples=len(keep), bytes=sink.size, sha256=sink.sha.hexdigest(),
                  rejected=dict(sorted(Counter(e["error"] for e in stats["errors"]).items())))
     write_json(out, f"{SHARDS_DIR}/{stats['shard']}_stats.json", stats)
-
-
-def drop_cross_shard_duplicates(out: Output, all_stats: list[dict[str, Any]], build_seed: int) -> list[dict[str, Any]]:
-    """The same picture reached from two shards stays in the earlier shard only.
-
-    Idempotent: a rerun after a kill finds nothing left to drop in shards
-    already rewritten. Returns the stats of every shard that changed.
-    """
-    first_seen: dict[str, tuple[str, str]] = {}
-    changed = []
-    for stats in sorted(all_stats, key=lambda s: s["shard"]):
-        drops = {}
-        for key, source in zip(stats["keys"], stats["sources"]):
-            if key in first_seen:
-                shard, kept = first_seen[key]
-                drops[key] = {"source": source, "stage": "dedup", "error": "duplicate",
-                              "message": f"same image (key {key}) as {kept} in shard {shard}", "shard": stats["shard"]}
-            else:
-                first_seen[key] = (stats["shard"], source)
-        if drops:
-            drop_samples(out, stats, drops)
-            changed.append(stats)
-    return changed
-
-
-def drop_near_duplicates(out: Output, all_stats: list[dict[str, Any]], max_distance: int) -> int:
-    """Perceptual near-duplicates across the build (stages/near_duplicates.py): the first
-    in shard and key order stays; the others are removed, naming the kept key."""
-    from .near_duplicates import find
-
-    ordered = sorted(all_stats, key=lambda s: s["shard"])
-    where = {k: (s["shard"], src) for s in ordered for k, src in zip(s["keys"], s["sources"])}
-    found = find(((k, h) for s in ordered for k, h in zip(s["keys"], s.get("phashes") or [None] * len(s["keys"]))),
-                 max_distance)
-    for stats in ordered:
-        drops = {k: {"source": src, "stage": "dedup", "error": "near_duplicate", "shard": stats["shard"],
-                     "message": f"looks like key {found[k][0]} ({where[found[k][0]][1]}, shard {where[found[k][0]][0]}): "
-                                f"pHash distance {found[k][1]} <= {max_distance}", "kept": found[k][0]}
-                 for k, src in zip(stats["keys"], stats["sources"]) if k in found}
-        if drops:
-            drop_samples(out, stats, drops)
-    return len(found)
 
 
 def _copy_tar_without(src: IO[bytes], dst: IO[bytes], drop_keys: set[str]) -> None:
