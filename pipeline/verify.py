@@ -97,7 +97,7 @@ def verify(out: str, repair: bool = False, log=print) -> int:
         log(f"{out}: no manifest.json: not a controlforge build")
         return 1
     if not manifest.get("complete"):  # a build still running or stopped: its shards are in the markers
-        manifest = writer.consolidate(output, manifest)
+        manifest = writer.manifest_from_markers(output, manifest)
     reports, seen, failures = [], {}, 0
     for entry in manifest["shards"]:
         if not output.exists(entry["name"]):

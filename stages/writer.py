@@ -224,7 +224,7 @@ def completed_shards(out: Output) -> set[str]:
             if name.endswith(STATS_SUFFIX) and name[:-len(STATS_SUFFIX)] + ".tar" in listed}
 
 
-def consolidate(out: Output, manifest: dict[str, Any]) -> dict[str, Any]:
+def manifest_from_markers(out: Output, manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest's shard list from the completion markers (on demand: verify, the end
     of a build); entries the manifest already has for other shards are kept."""
     entries = {e["name"]: e for e in manifest.get("shards", [])}
