@@ -154,7 +154,7 @@ def run_pipeline(folder: Path, out: Path, per_shard: int) -> tuple[float, int, i
     from pipeline.config import BuildConfig
 
     cfg = BuildConfig(input=[str(folder)], output=str(out), conditions=["canny"], caption_model="none",
-                      samples_per_shard=per_shard, preview=0, min_size=64,
+                      samples_per_shard=per_shard, preview=0, min_size=64, executor="ray",  # auto would run the warm-up locally
                       report_samples=0)  # the build alone: the report after it is a fixed cost (<= 1000 thumbnails)
     with PeakRSS() as rss:
         start = time.perf_counter()
