@@ -94,10 +94,11 @@ def _drop_repeats(out: Output, names: list[str], repeats: list[tuple[int, int, i
     for shard, pos, first_shard, first_pos in repeats:
         by_shard.setdefault(shard, []).append((pos, first_shard, first_pos))
     kept_sources: dict[tuple[int, int], str] = {}
+    for first_shard in sorted({fs for rows in by_shard.values() for _, fs, _ in rows}):  # each kept shard read once
+        sources = writer.load_stats(out, names[first_shard])["sources"]
+        kept_sources.update({(first_shard, fp): sources[fp] for rows in by_shard.values()
+                             for _, fs, fp in rows if fs == first_shard})
     for number, rows in sorted(by_shard.items()):
-        for _, first_shard, first_pos in rows:
-            if (first_shard, first_pos) not in kept_sources:
-                kept_sources[(first_shard, first_pos)] = writer.load_stats(out, names[first_shard])["sources"][first_pos]
         stats = writer.load_stats(out, names[number])
         drops = {stats["keys"][pos]: {
             "source": stats["sources"][pos], "stage": "dedup", "error": "duplicate", "shard": stats["shard"],

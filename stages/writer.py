@@ -155,17 +155,6 @@ class ShardWriter:
         self.spool.close()
 
 
-def write_shard(out: Output, work: ShardWork, build_seed: int, conditions: list[str]) -> dict[str, Any]:
-    """Write `shards/NAME.tar` and `shards/NAME_stats.json` from finished samples; returns the stats."""
-    writer = ShardWriter(out, work, build_seed, conditions)
-    try:
-        for sample in work.samples:
-            writer.add(sample)
-        return writer.finish()
-    finally:
-        writer.close()
-
-
 def _coverage(sample: Sample, name: str) -> float | None:
     """Measured by the annotate step; a condition that came with the input is decoded here."""
     if name in sample.coverage:
