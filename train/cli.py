@@ -4,31 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
-
-from pydantic import BaseModel
 
 from common.config import ConfigError, load_config
+from common.flags import add_model_flags, overrides_from
 
 from .config import TrainConfig
-
-
-def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    for name, field in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        annotation = field.annotation
-        optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-        base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
-        help_text = f"{field.description or ''} (default {field.get_default(call_default_factory=True)!r})".strip()
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(base) is list:
-            parser.add_argument(flag, nargs="+", default=None, help=help_text)
-        elif typing.get_origin(base) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(base), default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=base if base in (int, float) else str, default=None, help=help_text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     from .trainer import TrainError, train
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
+    overrides = overrides_from(args)
     try:
         cfg = load_config(args.config, overrides, model=TrainConfig)
         if not cfg.shards and not cfg.dataset:
