@@ -4,7 +4,7 @@
 
 For each size, synthetic shard records (NAME_stats.json as the writer makes them, with
 URL sources, BLIP caption sources, pHashes, canny coverage and 2 % rejected rows; no
-tars, as no repeat is planted, none is read) are consolidated by `stages.consolidate.finish`
+tars, as no repeat is planted, none is read) are consolidated by `stages.shards.consolidate.finish`
 in a fresh process: the peak RSS over that process's baseline is printed, next to the
 peak of the same process only loading every record into one list, which is what the
 build's end did before (it held every shard's stats at once).
@@ -56,11 +56,11 @@ def write_records(out: Path, samples: int, per_shard: int) -> list[str]:
 def child(folder: str, mode: str) -> None:
     from task_memory import PeakRss, rss_bytes
 
-    from stages import consolidate, writer
-    from stages.output import Output
+    from stages.shards import consolidate, manifest as index
+    from stages.shards.output import Output
 
     out = Output(folder)
-    names = sorted(writer.completed_shards(out))
+    names = sorted(index.completed_shards(out))
     baseline = rss_bytes()
     started = time.perf_counter()
     with PeakRss() as peak:
@@ -68,7 +68,7 @@ def child(folder: str, mode: str) -> None:
             result = consolidate.finish(out, names, log=lambda *_: None)
             samples = result["samples"]
         else:
-            held = [writer.load_stats(out, name) for name in names]
+            held = [index.load_stats(out, name) for name in names]
             samples = sum(s["samples"] for s in held)
     print(json.dumps({"samples": samples, "growth": peak.peak - baseline, "seconds": time.perf_counter() - started}))
 

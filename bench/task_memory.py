@@ -82,9 +82,10 @@ def child(args: argparse.Namespace) -> None:
 
     from pipeline.config import BuildConfig
     from pipeline.executors import run_steps
-    from stages.readers import list_inputs
-    from stages.shard import plan_shards
-    from stages.steps import make_steps
+    from stages.read.readers import list_inputs
+    from stages.work import plan_shards
+    from pipeline.plan import make_steps
+    from stages.annotators import create
 
     torch.set_num_threads(2)
     conditions = args.conditions.split(",")
@@ -97,13 +98,11 @@ def child(args: argparse.Namespace) -> None:
         return BuildConfig(input=[folder], output=out, conditions=conditions, resolution=args.resolution,
                            min_size=64, caption_model="none", annotator_params=params)
 
-    steps = make_steps(config(args.warm, args.out + "-warm"), False)
-    run_steps(steps, plan_shards(list_inputs([args.warm]), 100)[0])  # load and warm every annotator
+    warm = config(args.warm, args.out + "-warm")
+    annotators = create(warm.conditions, warm.annotator_params)
+    run_steps(make_steps(warm, annotators=annotators), plan_shards(list_inputs([args.warm]), 100)[0])  # load, warm
     cfg = config(args.inputs, args.out)
-    for step in steps:  # the same (warm) steps, now writing to this case's output
-        step.cfg = cfg
-        if getattr(step, "annotate", None) is not None:
-            step.annotate.cfg = cfg
+    steps = make_steps(cfg, annotators=annotators)  # the same (warm) annotators, writing to this case's output
     work = plan_shards(list_inputs([args.inputs]), 1000)[0]
     crossing = len(pickle.dumps(steps[0](pickle.loads(pickle.dumps(work)))))
     baseline = rss_bytes()

@@ -4,6 +4,7 @@ are written once (in the config) and never drift apart."""
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 
@@ -22,12 +23,24 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
         help_text = f"{field.description or ''} (default {field.get_default(call_default_factory=True)!r})".strip()
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(base) is list:
-            parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        elif typing.get_origin(base) is list:  # `--input a b` and `--input a --input b` alike
+            parser.add_argument(flag, nargs="+", action="extend", default=None, help=help_text)
+        elif typing.get_origin(base) is dict or base is dict:
+            parser.add_argument(flag, type=_json_object, default=None, metavar="JSON", help=help_text)
         elif typing.get_origin(base) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(base), default=None, help=help_text)
         else:
             parser.add_argument(flag, type=base if base in (int, float) else str, default=None, help=help_text)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, typing.Any]:

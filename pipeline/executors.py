@@ -6,7 +6,7 @@ becomes an actor pool, one model per actor, fed one shard at a time. Shards
 travel between operators as pickled bytes, so Arrow never has to understand them;
 what travels is the shard's JPEGs and metadata: every annotator runs in the last step
 (a CPU task, or with GPUs the actor holding the network annotators), which spools each
-finished sample to local disk (stages/spool.py).
+finished sample to local disk (stages/shards/spool.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pickle
 from typing import Any, Iterable, Iterator
 
 from common.ray_session import init_ray  # noqa: F401  (re-exported for the build)
-from stages.shard import ShardWork
-from stages.steps import Step
+from stages.work import ShardWork
+from stages.steps.base import Step
 
 def run_steps(steps: list[Step], work: Any) -> Any:
     for step in steps:

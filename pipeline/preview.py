@@ -9,8 +9,9 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.output import Output
-from stages.writer import condition_sort_key, iter_samples
+from stages.shards.output import Output
+from stages.shards.layout import condition_sort_key
+from stages.shards.reader import iter_samples
 
 
 def read_samples(out: Output, n: int) -> list[dict[str, bytes]]:

@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
-from stages import writer
-from stages.output import Output
+from stages.shards.manifest import load_manifest, load_stats
+from stages.shards.reader import iter_samples
+from stages.shards.output import Output
 
 META_COLUMNS = {"key": "string", "source": "string", "sha256": "string", "width": "int64", "height": "int64",
                 "orig_width": "int64", "orig_height": "int64", "caption_model": "string", "metadata": "string"}
@@ -71,7 +72,7 @@ def export_shard(build: str, entry: dict[str, Any], target: str, conditions: lis
     by_split: dict[str, list[tuple[str, dict[str, bytes]]]] = {"train": [], "validation": []}
     annotators: dict[str, Any] = {}
     with out.fs.open(out.path(entry["name"]), "rb") as handle:
-        for key, members in writer.iter_samples(handle):
+        for key, members in iter_samples(handle):
             by_split["validation" if is_validation(key, val_fraction, seed) else "train"].append((key, members))
             if not annotators:
                 annotators = json.loads(members["json"]).get("conditions", {})
@@ -94,7 +95,7 @@ def export_shard(build: str, entry: dict[str, Any], target: str, conditions: lis
 def export(out: Output, target: Path, val_fraction: float, seed: int, use_ray: bool = False, log=print) -> dict[str, Any]:
     """Parquet files per condition and split, shard by shard (memory bounded by one shard),
     as Ray tasks when `use_ray` (then `target` must be a folder every node sees)."""
-    manifest = writer.load_manifest(out)
+    manifest = load_manifest(out)
     if manifest is None:
         raise PublishError(f"{out.url}: no manifest.json: not a controlforge build")
     if not manifest.get("complete"):
@@ -137,7 +138,7 @@ def caption_sources(out: Output, manifest: dict[str, Any]) -> Counter[str]:
     """Where the captions came from, counted over the samples (from the per-shard stats)."""
     found: Counter[str] = Counter()
     for entry in manifest["shards"]:
-        found.update(writer.load_stats(out, Path(entry["name"]).stem).get("caption_sources", []))
+        found.update(load_stats(out, Path(entry["name"]).stem).get("caption_sources", []))
     return found
 
 

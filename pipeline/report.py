@@ -20,8 +20,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from stages.output import Output
-from stages.writer import condition_sort_key, iter_samples, load_manifest, load_stats
+from stages.shards.output import Output
+from stages.shards.layout import condition_sort_key
+from stages.shards.manifest import load_manifest, load_stats
+from stages.shards.reader import iter_samples
 
 REPORT_DIR = "report"
 EXAMPLES_PER_REASON = 3

@@ -21,8 +21,10 @@ from typing import Any
 
 from PIL import Image
 
-from stages import writer
-from stages.output import Output
+from stages.shards import manifest as index
+from stages.shards.layout import STATS_SUFFIX
+from stages.shards.reader import iter_samples
+from stages.shards.output import Output
 
 REQUIRED = ("jpg", "txt", "json")
 
@@ -77,7 +79,7 @@ def check_shard(data: bytes, entry: dict[str, Any], conditions: list[str]) -> Sh
         report.problems.append("sha256 differs from the manifest")
     finished: set[str] = set()
     try:
-        for key, members in writer.iter_samples(io.BytesIO(data)):
+        for key, members in iter_samples(io.BytesIO(data)):
             if key in finished:
                 report.problems.append(f"key {key}: members not next to each other")
             report.problems.extend(_check_sample(key, members, conditions))
@@ -92,12 +94,12 @@ def check_shard(data: bytes, entry: dict[str, Any], conditions: list[str]) -> Sh
 
 def verify(out: str, repair: bool = False, log=print) -> int:
     output = Output(out)
-    manifest = writer.load_manifest(output)
+    manifest = index.load_manifest(output)
     if manifest is None:
         log(f"{out}: no manifest.json: not a controlforge build")
         return 1
     if not manifest.get("complete"):  # a build still running or stopped: its shards are in the markers
-        manifest = writer.manifest_from_markers(output, manifest)
+        manifest = index.manifest_from_markers(output, manifest)
     reports, seen, failures = [], {}, 0
     for entry in manifest["shards"]:
         if not output.exists(entry["name"]):
@@ -132,11 +134,11 @@ def _repair(output: Output, manifest: dict[str, Any], reports: list[ShardReport]
     manifest["shards"] = kept
     manifest["complete"] = False
     for report in broken:  # the tar and its completion marker, so the build redoes the shard
-        marker = report.name[: -len(".tar")] + writer.STATS_SUFFIX
+        marker = report.name[: -len(".tar")] + STATS_SUFFIX
         for name in (report.name, marker):
             if output.exists(name):
                 output.move(name, name + ".broken")
-    writer.save_manifest(output, manifest)
+    index.save_manifest(output, manifest)
     log(f"repaired the manifest; {len(broken)} shard(s) to rebuild (moved aside as *.broken): "
         + ", ".join(r.name for r in broken))
     log("rerun the same `controlforge build` command to rebuild them")

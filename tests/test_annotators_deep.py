@@ -141,7 +141,7 @@ def test_depth_options_transformers_and_16_bit(hf_models, aux_weights):
 
 
 def test_openpose_without_a_person_is_kept_or_dropped_by_flag(aux_weights):
-    from stages.decode import Rejected
+    from stages.transform.decode import Rejected
 
     blank = np.zeros((64, 64, 3), np.uint8)  # nobody here (and random weights find nobody anyway)
     kept = create(["openpose"], {"openpose": {"weights": str(aux_weights), "detect_resolution": 64}})["openpose"]
@@ -175,11 +175,13 @@ class _Exploit:
 
 
 def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path, monkeypatch):
+    """torch.load(weights_only=True) refuses the pickled call. Fails if a loader passes
+    weights_only=False: the payload runs (PWNED appears) and setup fails otherwise, or not."""
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "ControlNetHED.pth", "wb") as handle:
         pickle.dump({"weights": _Exploit()}, handle)
     annotator = create(["hed"], {"hed": {"weights": str(tmp_path)}})["hed"]
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         annotator.setup()
     assert not (tmp_path / "PWNED").exists()
 
@@ -230,25 +232,26 @@ def test_batched_step_matches_per_image_calls(aux_weights, hf_models, tmp_path):
     annotator gives image by image, and a failing image costs only itself."""
     from conftest import write_synthetic
     from pipeline.config import BuildConfig
-    from stages.decode import decode_rgb
-    from stages.readers import list_inputs
-    from stages.shard import plan_shards
-    from stages.steps import Annotate, ReadDecode
+    from stages.transform.decode import decode_rgb
+    from stages.read.readers import list_inputs
+    from stages.work import plan_shards
+    from pipeline.plan import Placement, make_steps
 
     write_synthetic(tmp_path / "in", 3, size=(64, 64))
     cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "o"), conditions=["seg"], resolution=64,
                       min_size=32, caption_model="none", annotator_params={"seg": {"weights": str(hf_models["upernet"])}})
-    work = ReadDecode(cfg)(plan_shards(list_inputs(cfg.input), 10)[0])
-    step = Annotate(cfg, ["seg"], num_gpus=0.5)
+    read, write = make_steps(cfg, Placement(annotator_gpus=0.5))
+    work = read(plan_shards(list_inputs(cfg.input), 10)[0])
+    step = write.gpu
     single = step.annotators["seg"]
     single.setup()
     expected = {s.key: single(decode_rgb(s.jpg), np.random.default_rng(0))[0] for s in work.samples}
     work.samples[1].jpg = b"broken"
     broken_key = work.samples[1].key
-    work = step(work)
-    assert [e["error"] for e in work.errors] == ["decode_error"] and broken_key not in {s.key for s in work.samples}
-    assert len(work.samples) == 2
-    for sample in work.samples:
+    kept = step.annotate_chunk(work, work.samples)
+    assert [e["error"] for e in work.errors] == ["decode_error"] and broken_key not in {s.key for s in kept}
+    assert len(kept) == 2
+    for sample in kept:
         stored = np.asarray(Image.open(io.BytesIO(sample.conditions["seg"])))
         assert np.abs(stored.astype(int) - expected[sample.key].astype(int)).max() <= 1
 
@@ -264,9 +267,9 @@ def test_gpu_plan_moves_network_annotators_to_one_actor(tmp_path):
     from conftest import write_synthetic
     from pipeline.config import BuildConfig
     from pipeline.executors import _group, run_local
-    from stages.readers import list_inputs
-    from stages.shard import plan_shards
-    from stages.steps import make_steps
+    from stages.read.readers import list_inputs
+    from stages.work import plan_shards
+    from pipeline.plan import Placement, make_steps
 
     write_synthetic(tmp_path / "in", 3)
     members = {}
@@ -274,14 +277,14 @@ def test_gpu_plan_moves_network_annotators_to_one_actor(tmp_path):
         out = tmp_path / f"out{gpus}"
         cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(out), conditions=["canny", "mlsd"],
                           min_size=64, caption_model="none", annotator_params={"mlsd": {"method": "hough"}})
-        steps = make_steps(cfg, False, 0.0, gpus)
-        assert list(steps[-1].annotate.annotators) == (["canny"] if gpus else ["canny", "mlsd"])
-        assert [type(s).__name__ for s in steps] == ["ReadDecode", "WriteShard"]
+        steps = make_steps(cfg, Placement(annotator_gpus=gpus))
+        assert list(steps[-1].cpu.annotators) == (["canny"] if gpus else ["canny", "mlsd"])
+        assert [type(s).__name__ for s in steps] == ["ReadDecode", "AnnotateAndWrite"]
         if gpus:
             assert [s.actor for s in steps] == [False, True] and steps[1].num_gpus == 0.5
-            assert list(steps[1].gpu_annotate.annotators) == ["mlsd"] and len(_group(steps)) == 2
+            assert list(steps[1].gpu.annotators) == ["mlsd"] and len(_group(steps)) == 2
         else:
-            assert steps[1].gpu_annotate is None and not steps[1].actor and len(_group(steps)) == 1
+            assert steps[1].gpu is None and not steps[1].actor and len(_group(steps)) == 1
         [stats] = run_local(steps, plan_shards(list_inputs(cfg.input), 10))
         assert stats["samples"] == 3
         with tarfile.open(out / "shards" / "00000.tar") as tar:

@@ -10,7 +10,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from stages.buckets import bucket_for, buckets
+from stages.transform.buckets import bucket_for, buckets
 
 
 def test_bucket_set_and_choice():

@@ -1,11 +1,11 @@
-"""The end of a build (stages/consolidate.py): the on-disk key index finds exactly the
+"""The end of a build (stages/shards/consolidate.py): the on-disk key index finds exactly the
 repeats a dict over every key would, across buckets and shards."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from stages.consolidate import KeyIndex
+from stages.shards.consolidate import KeyIndex
 
 
 def test_key_index_finds_every_repeat_and_its_first_copy(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.decode import Rejected, ResizeSpec, decode_and_resize
+from stages.transform.decode import Rejected, ResizeSpec, decode_and_resize
 
 SPEC = ResizeSpec(resolution=64, min_size=32, max_aspect=3.0, max_pixels=1_000_000)
 

@@ -13,7 +13,7 @@ import threading
 import pytest
 from PIL import Image
 
-from stages.http_fetch import FetchError, HttpOptions, http_get, opted_out
+from stages.read.http_fetch import FetchError, HttpOptions, http_get, opted_out
 
 
 def _jpeg(seed: int) -> bytes:

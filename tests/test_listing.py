@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_synthetic
-from stages.listing import is_streamed, open_listing
+from stages.read.listing import is_streamed, open_listing
 
 
 def test_only_a_single_list_file_is_streamed():

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from conftest import write_synthetic
-from stages.lock import LOCK_NAME, BuildLock, LockedError
-from stages.output import Output
+from stages.shards.lock import LOCK_NAME, BuildLock, LockedError
+from stages.shards.output import Output
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageEnhance
 
 from conftest import write_synthetic
-from stages.near_duplicates import find, phash
+from stages.transform.near_duplicates import find, phash
 
 
 def _near_copy(src: Path, dst: Path, brighter: float = 1.0) -> None:
@@ -88,11 +88,10 @@ def test_flat_depth_maps_are_rejected_and_varied_ones_kept():
     reliable flat map, so the gate is fed maps made here)."""
     import numpy as np
 
-    from pipeline.config import BuildConfig
-    from stages.shard import Sample, ShardWork
-    from stages.steps import Annotate
+    from stages.work import Sample, ShardWork
+    from stages.steps import Annotation, AnnotationSettings
 
-    step = Annotate(BuildConfig(input=["x"], conditions=["canny"], min_depth_std=3.0), names=[])
+    step = Annotation({}, AnnotationSettings(min_depth_std=3.0))
     describe = type("A", (), {"mode": "L", "dtype": np.uint8, "describe": lambda self, used: used})()
     image = np.zeros((16, 16, 3), np.uint8)
     work = ShardWork(0, [])
@@ -110,7 +109,7 @@ def test_low_clip_score_gate_plumbing(tmp_path):
     not whether mismatched captions score low: the floor is set between measured scores."""
     import numpy as np
 
-    from stages.clip_score import ClipScorer
+    from stages.models.clip_score import ClipScorer
     from tiny_models import make_tiny_clip
 
     clip = make_tiny_clip(tmp_path / "clip")

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import write_real_photos, write_synthetic
 from http_server import serve
-from stages.readers import InputError, fetch, list_inputs
+from stages.read.readers import InputError, fetch, list_inputs
 
 
 def test_folder_is_recursive_sorted_with_sidecar_captions(tmp_path):

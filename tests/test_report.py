@@ -95,7 +95,7 @@ def test_every_build_writes_a_report_that_renders_in_chromium(build, tmp_path):
 def test_report_figures_come_from_every_sample(build):
     from pipeline.report import collect
 
-    data = collect(__import__("stages.output", fromlist=["Output"]).Output(str(build)))
+    data = collect(__import__("stages.shards.output", fromlist=["Output"]).Output(str(build)))
     canny = data["coverage"]["canny"]  # samples per twentieth of [0, 1]
     assert sum(canny) == 12 and sum(canny[10:]) == 0, "every map has edges on less than half its pixels"
     assert data["caption_words"][0] == 9 and sum(data["caption_words"].values()) == 12, "nine images had no caption"

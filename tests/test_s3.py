@@ -152,23 +152,23 @@ def test_a_fresh_listing_after_another_process_wrote(s3):
     """The crash: a listing cached before another writer's marker appeared."""
     import s3fs
 
-    from stages import writer
-    from stages.output import Output
+    from stages.shards import manifest as index
+    from stages.shards.output import Output
 
     out = Output(f"s3://{BUCKET}/stale")
     other = s3fs.S3FileSystem(skip_instance_cache=True)
     other.pipe_file(f"{BUCKET}/stale/shards/00000.tar", b"x")
     other.pipe_file(f"{BUCKET}/stale/shards/00000_stats.json", json.dumps({"shard": "00000"}).encode())
-    assert writer.completed_shards(out) == {"00000"}  # this listing is now cached by s3fs
+    assert index.completed_shards(out) == {"00000"}  # this listing is now cached by s3fs
     other.pipe_file(f"{BUCKET}/stale/shards/00001.tar", b"x")
     other.pipe_file(f"{BUCKET}/stale/shards/00001_stats.json", json.dumps({"shard": "00001"}).encode())
-    assert writer.completed_shards(out) == {"00000", "00001"}
-    assert writer.load_stats(out, "00001") == {"shard": "00001"}
+    assert index.completed_shards(out) == {"00000", "00001"}
+    assert index.load_stats(out, "00001") == {"shard": "00001"}
 
 
 def test_the_output_lock_on_s3(s3):
-    from stages.lock import BuildLock, LockedError
-    from stages.output import Output
+    from stages.shards.lock import BuildLock, LockedError
+    from stages.shards.output import Output
 
     out = Output(f"s3://{BUCKET}/locked")
     first = BuildLock(out).acquire()

@@ -151,7 +151,7 @@ def test_sudden_convergence_is_found_in_a_jump_and_not_in_flat_or_smooth_curves(
 
 
 def test_auto_prompt_runs_the_two_pass_recipe_with_blip(tiny, tiny_blip):
-    from stages.captioner import BlipCaptioner
+    from stages.models.captioner import BlipCaptioner
     from train.sample_cli import resolve_prompt
 
     captioner = BlipCaptioner(str(tiny_blip), max_new_tokens=5, num_beams=1)

@@ -29,14 +29,14 @@ def _noise_inputs(folder, count: int, size: int = 256) -> None:
 def _writer_peak(tmp_path, count: int) -> tuple[int, dict]:
     """tracemalloc's traced peak while the writer task annotates and writes `count` samples."""
     from pipeline.config import BuildConfig
-    from stages.readers import list_inputs
-    from stages.shard import plan_shards
-    from stages.steps import make_steps
+    from stages.read.readers import list_inputs
+    from stages.work import plan_shards
+    from pipeline.plan import make_steps
 
     _noise_inputs(tmp_path / f"in{count}", count)
     cfg = BuildConfig(input=[str(tmp_path / f"in{count}")], output=str(tmp_path / f"out{count}"),
                       conditions=["canny"], resolution=256, min_size=64, caption_model="none")
-    read, write = make_steps(cfg, False)
+    read, write = make_steps(cfg)
     work = read(plan_shards(list_inputs(cfg.input), 100)[0])
     assert len(work.samples) == count and all(not s.conditions for s in work.samples)
     tracemalloc.start()
@@ -48,7 +48,7 @@ def _writer_peak(tmp_path, count: int) -> tuple[int, dict]:
 
 
 def test_writer_peak_does_not_grow_with_shard_size(tmp_path):
-    """WriteShard annotates each sample and spools it before the next, and streams the
+    """AnnotateAndWrite annotates each sample and spools it before the next, and streams the
     tar from the spool: its traced peak is one sample's working set, the same for 6 and
     for 24 samples. (Holding the maps and building the tar in memory, as the writer did
     before, grows with the shard: 24 noise samples are over 2 MB of JPEGs and maps.)"""
@@ -66,16 +66,16 @@ def test_conditions_never_cross_a_task_boundary(tmp_path, tiny_blip, annotator_g
     GPUs is the actor holding the network annotators (mlsd here; run on this CPU)."""
     from pipeline.config import BuildConfig
     from pipeline.executors import _group, run_steps
-    from stages.readers import list_inputs
-    from stages.shard import plan_shards
-    from stages.steps import make_steps
+    from stages.read.readers import list_inputs
+    from stages.work import plan_shards
+    from pipeline.plan import Placement, make_steps
 
     write_synthetic(tmp_path / "in", 4)
     cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "out"), conditions=["canny", "mlsd"],
                       min_size=64, caption_model=str(tiny_blip), caption_max_tokens=4,
                       annotator_params={"mlsd": {"method": "hough"}})
-    groups = _group(make_steps(cfg, True, 0.0, annotator_gpus))
-    assert [[type(s).__name__ for s in g] for g in groups] == [["ReadDecode"], ["Caption"], ["WriteShard"]]
+    groups = _group(make_steps(cfg, Placement(captioning=True, annotator_gpus=annotator_gpus)))
+    assert [[type(s).__name__ for s in g] for g in groups] == [["ReadDecode"], ["Caption"], ["AnnotateAndWrite"]]
     assert groups[-1][0].actor == (annotator_gpus > 0)
     work = plan_shards(list_inputs(cfg.input), 10)[0]
     crossed = []
@@ -96,7 +96,7 @@ def test_conditions_never_cross_a_task_boundary(tmp_path, tiny_blip, annotator_g
 
 
 def test_spool_round_trip_and_refuses_a_repeated_key():
-    from stages.spool import SampleSpool
+    from stages.shards.spool import SampleSpool
 
     with SampleSpool() as spool:
         spool.add("b", [("b.jpg", b"\xff" * 10), ("b.txt", b"two")])
@@ -116,19 +116,19 @@ def test_gpu_writer_spools_each_chunk_before_annotating_the_next(tmp_path, monke
     """With GPUs the writer actor runs the network annotators a chunk (their batch) at a
     time and spools that chunk before the next: maps of one chunk at most in memory."""
     from pipeline.config import BuildConfig
-    from stages import writer
-    from stages.readers import list_inputs
-    from stages.shard import plan_shards
-    from stages.steps import make_steps
+    from stages.shards import writer
+    from stages.read.readers import list_inputs
+    from stages.work import plan_shards
+    from pipeline.plan import Placement, make_steps
 
     write_synthetic(tmp_path / "in", 20, size=(96, 80))
     cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "out"), conditions=["canny", "mlsd"],
                       resolution=64, min_size=64, caption_model="none", annotator_params={"mlsd": {"method": "hough"}})
-    read, write = make_steps(cfg, False, 0.0, 0.5)
-    assert write.actor and list(write.gpu_annotate.annotators) == ["mlsd"] and write.gpu_annotate.chunk_size == 8
+    read, write = make_steps(cfg, Placement(annotator_gpus=0.5))
+    assert write.actor and list(write.gpu.annotators) == ["mlsd"] and write.gpu.chunk_size == 8
     events = []
-    annotate_chunk = write.gpu_annotate.annotate_chunk
-    monkeypatch.setattr(write.gpu_annotate, "annotate_chunk",
+    annotate_chunk = write.gpu.annotate_chunk
+    monkeypatch.setattr(write.gpu, "annotate_chunk",
                         lambda work, samples: events.append(len(samples)) or annotate_chunk(work, samples))
     add = writer.ShardWriter.add
     monkeypatch.setattr(writer.ShardWriter, "add", lambda self, sample: events.append("add") or add(self, sample))

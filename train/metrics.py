@@ -111,7 +111,7 @@ def keypoint_distance(reference: list, predicted: list) -> float | None:
 def clip_score(images, prompts: list[str], model: str) -> float:
     """100 x cosine similarity of CLIP image and text embeddings (>= 0), averaged; `model`
     is a local folder or hub id of a transformers CLIPModel."""
-    from stages.clip_score import ClipScorer
+    from stages.models.clip_score import ClipScorer
 
     return float(np.mean(ClipScorer(model, "cpu")(list(images), prompts)))
 

@@ -151,7 +151,7 @@ def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
         jobs = [([Image.open(p) for p in args.image], None, Path(args.image[0]).stem, {})]
     captioner = None
     if args.prompt_mode == "auto" and args.caption_model:
-        from stages.captioner import BlipCaptioner
+        from stages.models.captioner import BlipCaptioner
 
         captioner = BlipCaptioner(args.caption_model, max_new_tokens=30)
     def generate(conditions: list[list[Image.Image]], prompts: list[str], seeds: list[int]):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..decode import Rejected
+from ..transform.decode import Rejected
 from .base import register
 from .detector import DetectorAnnotator, fit
 

@@ -1,5 +1,6 @@
-"""The writer: shard tars, per-shard stats, and the output folder's index files
-(manifest.json, errors.jsonl, wids-index.json) as ../shared/SCHEMA.md lays them out.
+"""Writing shard tars: one shard's samples into its tar and its stats (the shard's
+completion marker), and rewriting a finished tar without some samples (cross-shard
+duplicates). Layout: docs/SCHEMA.md; the index files are stages/shards/manifest.py's.
 
 Everything lands under a temporary name first and is renamed when whole, so a
 killed build never leaves a half file under a final name.
@@ -15,30 +16,10 @@ import time
 from collections import Counter
 from typing import IO, Any, Iterator
 
-from .output import Output
-from .shard import Sample, ShardWork
+from ..work import Sample, ShardWork
+from .layout import PER_SAMPLE_FIELDS, SHARDS_DIR, condition_sort_key, stats_path, tar_path
+from .output import Output, write_json
 from .spool import SampleSpool
-
-SCHEMA_VERSION = 1
-SHARDS_DIR = "shards"
-#: member order inside a sample; later conditions sort after these by name
-CONDITION_ORDER = ("canny", "mlsd", "hed", "scribble", "openpose", "seg", "depth", "normal", "lineart")
-
-
-def condition_sort_key(name: str) -> tuple[int, str]:
-    return (CONDITION_ORDER.index(name) if name in CONDITION_ORDER else len(CONDITION_ORDER), name)
-
-
-def write_json(out: Output, rel: str, obj: Any) -> None:
-    out.write_atomic(rel, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def remove_stale_temporaries(out: Output) -> int:
-    """Temporaries of a killed run: never final, safe to delete on restart."""
-    stale = [*out.glob("*.tmp-*"), *out.glob(f"{SHARDS_DIR}/*.tmp-*")]
-    for rel in stale:
-        out.remove(rel)
-    return len(stale)
 
 
 def sample_json(sample: Sample, build_seed: int) -> dict[str, Any]:
@@ -123,7 +104,7 @@ class ShardWriter:
         out.makedirs(SHARDS_DIR)
         start = time.perf_counter()
         keys = sorted(self.rows)
-        with out.open_atomic(f"{SHARDS_DIR}/{work.name}.tar") as handle:
+        with out.open_atomic(tar_path(work.name)) as handle:
             sink = HashingWriter(handle)
             with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for key in keys:
@@ -148,7 +129,7 @@ class ShardWriter:
             "coverage": {name: [row["coverage"][name] for row in rows] for name in self.conditions},
             "errors": work.errors,
         }
-        write_json(out, f"{SHARDS_DIR}/{work.name}_stats.json", stats)
+        write_json(out, stats_path(work.name), stats)
         return stats
 
     def close(self) -> None:
@@ -164,13 +145,9 @@ def _coverage(sample: Sample, name: str) -> float | None:
     import cv2
     import numpy as np
 
-    from .decode import coverage
+    from ..transform.decode import coverage
 
     return coverage(cv2.imdecode(np.frombuffer(sample.conditions[name], np.uint8), cv2.IMREAD_UNCHANGED))
-
-
-#: stats lists with one entry per kept sample, in key order
-PER_SAMPLE_FIELDS = ("keys", "sources", "caption_sources", "caption_words", "phashes")
 
 
 def caption_source(sample: Sample) -> str:
@@ -182,58 +159,10 @@ def caption_source(sample: Sample) -> str:
     return f"BLIP {sample.caption_model}"
 
 
-# ------------------------------------------------------------ output index ---
-
-
-def manifest_entry(stats: dict[str, Any]) -> dict[str, Any]:
-    return {"name": f"{SHARDS_DIR}/{stats['shard']}.tar", "samples": stats["samples"], "bytes": stats["bytes"],
-            "sha256": stats["sha256"], "conditions": stats["conditions"]}
-
-
-def load_manifest(out: Output) -> dict[str, Any] | None:
-    return json.loads(out.read_text("manifest.json")) if out.exists("manifest.json") else None
-
-
-def save_manifest(out: Output, manifest: dict[str, Any]) -> None:
-    write_json(out, "manifest.json", manifest)
-
-
-def load_stats(out: Output, shard: str) -> dict[str, Any]:
-    return json.loads(out.read_text(f"{SHARDS_DIR}/{shard}_stats.json"))
-
-
-STATS_SUFFIX = "_stats.json"
-
-
-def completed_shards(out: Output) -> set[str]:
-    """Names of the shards whose completion marker (NAME_stats.json, written after the tar
-    is in place) exists: one fresh listing of shards/, however many shards."""
-    listed = set(out.glob(f"{SHARDS_DIR}/*"))
-    return {name[len(SHARDS_DIR) + 1:-len(STATS_SUFFIX)] for name in listed
-            if name.endswith(STATS_SUFFIX) and name[:-len(STATS_SUFFIX)] + ".tar" in listed}
-
-
-def manifest_from_markers(out: Output, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's shard list from the completion markers (on demand: verify, the end
-    of a build); entries the manifest already has for other shards are kept."""
-    entries = {e["name"]: e for e in manifest.get("shards", [])}
-    for name in completed_shards(out):
-        entries[f"{SHARDS_DIR}/{name}.tar"] = manifest_entry(load_stats(out, name))
-    return {**manifest, "shards": [entries[k] for k in sorted(entries)]}
-
-
-def write_wids_index(out: Output, manifest: dict[str, Any]) -> None:
-    write_json(out, "wids-index.json", {
-        "__kind__": "wids-shard-index-v1",
-        "wids_version": 1,
-        "shardlist": [{"url": e["name"], "nsamples": e["samples"], "filesize": e["bytes"]} for e in manifest["shards"]],
-    })
-
-
 def drop_samples(out: Output, stats: dict[str, Any], drops: dict[str, dict[str, Any]]) -> None:
     """Remove samples (key -> its errors.jsonl record) from a finished shard: the tar is
     rewritten without them, then its stats (the completion marker) with them as errors."""
-    tar_name = f"{SHARDS_DIR}/{stats['shard']}.tar"
+    tar_name = tar_path(stats["shard"])
     with out.open_read(tar_name) as src, out.open_atomic(tar_name) as handle:
         sink = HashingWriter(handle)
         _copy_tar_without(src, sink, set(drops))
@@ -245,7 +174,7 @@ def drop_samples(out: Output, stats: dict[str, Any], drops: dict[str, dict[str, 
     stats["coverage"] = {name: [values[i] for i in keep] for name, values in stats.get("coverage", {}).items()}
     stats.update(samples=len(keep), bytes=sink.size, sha256=sink.sha.hexdigest(),
                  rejected=dict(sorted(Counter(e["error"] for e in stats["errors"]).items())))
-    write_json(out, f"{SHARDS_DIR}/{stats['shard']}_stats.json", stats)
+    write_json(out, stats_path(stats["shard"]), stats)
 
 
 def _copy_tar_without(src: IO[bytes], dst: IO[bytes], drop_keys: set[str]) -> None:
@@ -254,18 +183,3 @@ def _copy_tar_without(src: IO[bytes], dst: IO[bytes], drop_keys: set[str]) -> No
         for member in source:
             if member.name.split(".", 1)[0] not in drop_keys:
                 _tar_member(target, member.name, source.extractfile(member).read())
-
-
-def iter_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {member extension: bytes}) in tar order; raises on a truncated or corrupt tar."""
-    key, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        for member in tar:
-            name_key, _, ext = member.name.partition(".")
-            if name_key != key and key is not None:
-                yield key, members
-                members = {}
-            key = name_key
-            members[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, members

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from .readers import LIST_EXTS, InputRef, _fs, iter_url_table, list_inputs
-from .shard import ShardWork, plan_shards
+from ..work import ShardWork, plan_shards
 
 
 @dataclass

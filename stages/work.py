@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .readers import InputRef
+from .read.readers import InputRef
 
 
 @dataclass

@@ -19,8 +19,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import writer
+from .manifest import load_stats, manifest_entry
 from .output import Output
+from .writer import drop_samples
 
 BUCKETS = 64
 _RECORD = np.dtype([("key", "<u8"), ("shard", "<u4"), ("pos", "<u4")])
@@ -75,14 +76,14 @@ def finish(out: Output, shard_names: list[str], max_near_distance: int | None = 
     with tempfile.TemporaryDirectory(prefix="controlforge-end-") as tmp:
         index = KeyIndex(Path(tmp))
         for number, name in enumerate(names):
-            stats = writer.load_stats(out, name)
-            entries.append(writer.manifest_entry(stats))
+            stats = load_stats(out, name)
+            entries.append(manifest_entry(stats))
             index.add(number, stats["keys"])
         changed = _drop_repeats(out, names, index.repeats())
     if max_near_distance is not None:
         changed |= _drop_near_duplicates(out, names, max_near_distance, log)
     for number in changed:
-        entries[number] = writer.manifest_entry(writer.load_stats(out, names[number]))
+        entries[number] = manifest_entry(load_stats(out, names[number]))
     rejected = _write_errors(out, names)
     return {"entries": entries, "samples": sum(e["samples"] for e in entries), "rejected": rejected}
 
@@ -95,27 +96,27 @@ def _drop_repeats(out: Output, names: list[str], repeats: list[tuple[int, int, i
         by_shard.setdefault(shard, []).append((pos, first_shard, first_pos))
     kept_sources: dict[tuple[int, int], str] = {}
     for first_shard in sorted({fs for rows in by_shard.values() for _, fs, _ in rows}):  # each kept shard read once
-        sources = writer.load_stats(out, names[first_shard])["sources"]
+        sources = load_stats(out, names[first_shard])["sources"]
         kept_sources.update({(first_shard, fp): sources[fp] for rows in by_shard.values()
                              for _, fs, fp in rows if fs == first_shard})
     for number, rows in sorted(by_shard.items()):
-        stats = writer.load_stats(out, names[number])
+        stats = load_stats(out, names[number])
         drops = {stats["keys"][pos]: {
             "source": stats["sources"][pos], "stage": "dedup", "error": "duplicate", "shard": stats["shard"],
             "message": f"same image (key {stats['keys'][pos]}) as {kept_sources[(fs, fp)]} in shard {names[fs]}"}
             for pos, fs, fp in rows}
-        writer.drop_samples(out, stats, drops)
+        drop_samples(out, stats, drops)
     return set(by_shard)
 
 
 def _drop_near_duplicates(out: Output, names: list[str], max_distance: int, log) -> set[int]:
     """Perceptual near-duplicates across the build (stages/near_duplicates.py): the first
     in shard and key order stays; the others are removed, naming the kept sample."""
-    from .near_duplicates import find
+    from ..transform.near_duplicates import find
 
     def hashes():
         for name in names:
-            stats = writer.load_stats(out, name)
+            stats = load_stats(out, name)
             yield from zip(stats["keys"], stats.get("phashes") or [None] * len(stats["keys"]))
 
     found = find(hashes(), max_distance)
@@ -126,14 +127,14 @@ def _drop_near_duplicates(out: Output, names: list[str], max_distance: int, log)
     where: dict[str, tuple[str, str]] = {}
     touched: set[int] = set()
     for number, name in enumerate(names):
-        stats = writer.load_stats(out, name)
+        stats = load_stats(out, name)
         for key, source in zip(stats["keys"], stats["sources"]):
             if key in kept_keys:
                 where[key] = (name, source)
             if key in found:
                 touched.add(number)
     for number in sorted(touched):
-        stats = writer.load_stats(out, names[number])
+        stats = load_stats(out, names[number])
         drops = {}
         for key, source in zip(stats["keys"], stats["sources"]):
             if key in found:
@@ -142,7 +143,7 @@ def _drop_near_duplicates(out: Output, names: list[str], max_distance: int, log)
                 drops[key] = {"source": source, "stage": "dedup", "error": "near_duplicate", "shard": stats["shard"],
                               "message": f"looks like key {kept} ({kept_source}, shard {shard}): "
                                          f"pHash distance {distance} <= {max_distance}", "kept": kept}
-        writer.drop_samples(out, stats, drops)
+        drop_samples(out, stats, drops)
     return touched
 
 
@@ -151,7 +152,7 @@ def _write_errors(out: Output, names: list[str]) -> Counter:
     reasons: Counter = Counter()
     with out.open_atomic("errors.jsonl") as handle:
         for name in names:
-            for error in writer.load_stats(out, name)["errors"]:
+            for error in load_stats(out, name)["errors"]:
                 handle.write((json.dumps(error, ensure_ascii=False) + "\n").encode("utf-8"))
                 reasons[error["error"]] += 1
     return reasons

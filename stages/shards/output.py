@@ -95,3 +95,10 @@ class Output:
 
     def move(self, src: str, dst: str) -> None:
         self.fs.mv(self.path(src), self.path(dst))
+
+
+def write_json(out: Output, rel: str, obj) -> None:
+    """An indented JSON file, written atomically (manifest, stats, indexes)."""
+    import json
+
+    out.write_atomic(rel, (json.dumps(obj, indent=1) + "\n").encode())

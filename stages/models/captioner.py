@@ -12,7 +12,7 @@ class CaptionModelError(RuntimeError):
     """The caption model cannot be loaded; the message says how to fix it."""
 
 
-def _load_error(name: str, exc: Exception) -> CaptionModelError:
+def load_error(name: str, exc: Exception) -> CaptionModelError:
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
     return CaptionModelError(
         f"cannot load caption model {name!r}: {type(exc).__name__}: {exc}\n"
@@ -50,7 +50,7 @@ class BlipCaptioner:
             self._processor = BlipProcessor.from_pretrained(self.model_name)
             model = BlipForConditionalGeneration.from_pretrained(self.model_name, dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise _load_error(self.model_name, exc) from None
+            raise load_error(self.model_name, exc) from None
         self._model = model.to(device).eval()
         self.device, self._dtype = device, dtype
 

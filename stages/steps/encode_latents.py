@@ -1,0 +1,35 @@
+"""--latents MODEL: the VAE latents of every stored image, so training skips the encoder."""
+
+from __future__ import annotations
+
+from ..transform.decode import decode_rgb
+from ..work import Sample, ShardWork
+from .base import Step, timed
+from .clip_gate import CHUNK
+
+
+class EncodeLatents(Step):
+    """Batched by image size (keep_ratio builds have several), a chunk decoded at a time;
+    a GPU actor when the cluster has GPUs."""
+
+    name = "latents"
+
+    def __init__(self, model: str, num_gpus: float = 0.0):
+        from ..models.latents import LatentEncoder
+
+        self.model, self.num_gpus, self.actor = model, num_gpus, num_gpus > 0
+        self.encoder = LatentEncoder(model, "cuda" if num_gpus > 0 else None)
+
+    def __call__(self, work: ShardWork) -> ShardWork:
+        from ..models.latents import npy_bytes
+
+        with timed(work, "latents"):
+            by_size: dict[tuple[int, int], list[Sample]] = {}
+            for sample in work.samples:  # one batch shape per call
+                by_size.setdefault((sample.height, sample.width), []).append(sample)
+            for group in by_size.values():
+                for start in range(0, len(group), CHUNK):  # decoded images: one chunk at a time
+                    chunk = group[start:start + CHUNK]
+                    for sample, latent in zip(chunk, self.encoder([decode_rgb(s.jpg) for s in chunk])):
+                        sample.latents, sample.latents_info = npy_bytes(latent), self.encoder.info(latent.shape)
+        return work
