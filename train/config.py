@@ -1,4 +1,5 @@
-"""The typed config of `controlforge train` (YAML + CLI flags, as for build)."""
+"""The typed configs of `controlforge train`, `sample` and `eval` (YAML + CLI flags, as for
+build): each setting and its default written once, here."""
 
 from __future__ import annotations
 
@@ -80,3 +81,61 @@ class TrainConfig(BaseModel):
     def flip_enabled(self) -> bool:
         return self.flip if self.flip is not None else self.condition != "openpose"
 
+
+
+#: where `controlforge sample` puts the control and how it weights it (train/sampler.py)
+GuidanceMode = Literal["paper", "lllyasviel", "diffusers", "both", "uncond"]
+#: where a sample's prompt comes from (train/sample_cli.py resolve_prompt)
+PromptMode = Literal["none", "default", "auto", "user"]
+
+
+class SampleConfig(BaseModel):
+    """`controlforge sample`: one or more ControlNets, each with its condition image (or
+    conditions drawn from a shard), or none (the base model alone)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pretrained_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="base model: hub id or folder")
+    controlnet: list[str] = Field(default_factory=list, description="repeatable: a trained ControlNet (folder or hub "
+                                  "id); none = the base model alone, with the same prompts and seeds (give --shard or "
+                                  "--image for the conditions eval compares with)")
+    image: list[str] = Field(default_factory=list, description="repeatable: the condition image for each --controlnet")
+    scale: list[float] = Field(default_factory=list, description="repeatable: each ControlNet's scale (none given: 1 each)")
+    shard: str | None = Field(None, description="draw conditions (and source captions) from this shard instead of --image")
+    condition: str = Field("canny", description="the condition member to read from --shard")
+    num: int = Field(4, description="samples to draw from --shard")
+    prompt_mode: PromptMode = Field("auto", description="none, default, auto (BLIP), user")
+    prompt: str | None = Field(None, description="the prompt for --prompt-mode user")
+    negative_prompt: str = ""
+    caption_model: str = Field("Salesforce/blip-image-captioning-base", description="BLIP for --prompt-mode auto")
+    mode: GuidanceMode | None = Field(None, description="guidance weighting (None: paper; both for bases sampled "
+                                      "through their diffusers pipeline, SD3 and Flux): paper = control in the "
+                                      "conditional branch weighted by resolution; lllyasviel, diffusers = other "
+                                      "weightings; both = both branches; uncond = unconditional branch only; "
+                                      "--guidance-scale 1 = no CFG")
+    steps: int = Field(20, description="DDIM steps")
+    guidance_scale: float = Field(9.0, description="CFG scale")
+    resolution: int = 512
+    seed: int = Field(0, description="sample i uses seed + i, whatever the batch size")
+    batch_size: int = Field(16, ge=1, description="samples drawn together; a sample is the same in any batch size, up "
+                            "to float rounding")
+    output: str = "out/samples"
+
+    @field_validator("controlnet", "image", "scale", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, int, float)) else value
+
+
+class EvalConfig(BaseModel):
+    """`controlforge eval`: re-annotate a sample folder's images and compare."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: str = Field(description="a `controlforge sample` output folder")
+    condition: str = Field(description="which annotator re-annotates the images")
+    weights: str | None = Field(None, description="the annotator's weights (hub id or folder)")
+    clip_model: str | None = Field(None, description="a CLIP model (folder or hub id) for the CLIP score of image vs "
+                                   "prompt")
+    shuffled: bool = Field(False, description="also score each image against another sample's condition (the "
+                           "chance level)")
