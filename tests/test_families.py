@@ -52,6 +52,66 @@ def test_the_family_comes_from_model_index(setup, tmp_path):
             families.detect(str(folder))
 
 
+def test_every_family_implements_the_whole_interface():
+    from train import families
+    from train.families.base import Family, missing
+
+    specs = sorted({*families.FAMILIES.values(), families.DEFAULT})
+    assert specs == ["flux.Flux", "sd.SD", "sd3.SD3", "sdxl.SDXL"]
+    for spec in specs:
+        cls = families.family_class(spec)
+        assert issubclass(cls, Family) and missing(cls) == [], spec
+        assert isinstance(cls.SAMPLES_THROUGH_PIPELINE, bool) and cls.CONTROL_IMAGE_ARG and cls.PIPELINE
+        cls()  # no method left abstract
+
+
+def test_an_incomplete_family_fails_the_check(tmp_path, monkeypatch):
+    from train import families
+    from train.families.base import Family, missing
+    from train.families.sd import SD
+
+    class Half(Family):  # a new family, its author stopped half way
+        NAME = "half"
+
+        def load(self, pretrained, dtype):
+            raise AssertionError("never loaded")
+
+    assert {"TITLE", "PIPELINE", "SAMPLES_THROUGH_PIPELINE", "loss", "conditioning", "pipeline_parts"} <= set(
+        missing(Half)) and "load" not in missing(Half) and "NAME" not in missing(Half)
+    with pytest.raises(TypeError, match="abstract"):
+        Half()
+    # every method there, one attribute not: instantiable, so only the check sees it
+    members = {k: v for k, v in vars(SD).items() if not k.startswith("__") and k != "SAMPLES_THROUGH_PIPELINE"}
+    unflagged = type("Unflagged", (Family,), members)
+    assert missing(unflagged) == ["SAMPLES_THROUGH_PIPELINE"] and missing(unflagged()) == ["SAMPLES_THROUGH_PIPELINE"]
+    assert missing(SD) == [] and missing(object) != [], "not a Family at all"
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    monkeypatch.setattr(families, "family_class", lambda spec: unflagged)
+    with pytest.raises(families.FamilyError, match="does not implement SAMPLES_THROUGH_PIPELINE"):
+        families.detect(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_every_family_builds_its_controlnet_and_pipelines_from_the_loaded_parts(setup, family):
+    from train import families
+
+    frozen = families.load(str(setup[family]), torch.float32)
+    impl = frozen.family
+    assert impl.NAME == family and not hasattr(frozen, "unet")
+    net = impl.make_controlnet(frozen, None, "zero")
+    assert type(net) is impl.controlnet_class()
+    impl.check_controlnet(frozen, net, "fresh")
+    pipe = impl.pipeline(frozen, frozen.denoiser, net, impl.sampling_scheduler(frozen))
+    assert type(pipe).__name__ == impl.PIPELINE and pipe.controlnet is net and pipe.vae is frozen.vae
+    base = impl.base_pipeline(frozen)
+    assert base is impl.base_pipeline(frozen), "made once"
+    assert getattr(base, "unet", None) is frozen.denoiser or getattr(base, "transformer", None) is frozen.denoiser
+    base.set_progress_bar_config(disable=True)
+    image = base("a picture", num_inference_steps=1, height=64, width=64, generator=torch.Generator().manual_seed(0),
+                 **impl.EXTRA_PIPELINE_ARGS).images[0]
+    assert image.size == (64, 64)
+
+
 def test_sdxl_batches_carry_the_recorded_size_and_crop(setup):
     from train.data import expand_shards, make_dataset
 
@@ -75,9 +135,9 @@ def test_sdxl_trains_resumes_bit_exactly_and_validates(setup, tmp_path):
     a, b = straight["models"]["controlnet"].state_dict(), resumed["models"]["controlnet"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "resume is bit-exact"
     from train import families
-    from train.trainer import make_controlnet
 
-    start = make_controlnet(families.load(str(setup["sdxl"]), torch.float32).unet).state_dict()
+    frozen = families.load(str(setup["sdxl"]), torch.float32)
+    start = frozen.family.make_controlnet(frozen, None, "zero").state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a), "training moved the weights"
 
 

@@ -33,25 +33,24 @@ def test_guidance_weights_per_mode():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from tiny_models import make_tiny_sd
-    from train.trainer import load_frozen, make_controlnet
+    from train import families
 
     sd = make_tiny_sd(tmp_path_factory.mktemp("sd"))
-    tokenizer, text_encoder, vae, unet, _ = load_frozen(str(sd), torch.float32)
+    frozen = families.load(str(sd), torch.float32)
     nets = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        net = make_controlnet(unet)
+        net = frozen.family.make_controlnet(frozen, None, "zero")
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p) * 0.02)  # as if trained: zero convolutions no longer zero
         nets.append(net.eval())
-    return {"sd": sd, "tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "nets": nets}
+    return {"sd": sd, "frozen": frozen, "nets": nets}
 
 
-def scheduler(sd):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_pretrained(str(sd), subfolder="scheduler")
+def scheduler(frozen):
+    """The DDIM scheduler `controlforge sample` draws with."""
+    return frozen.family.sampling_scheduler(frozen)
 
 
 def test_two_controlnets_sum_their_residuals(tiny):
@@ -72,7 +71,7 @@ def test_two_controlnets_sum_their_residuals(tiny):
 def test_where_the_control_goes(tiny, mode):
     """paper: the unconditional UNet call gets no residuals; both: every call gets them;
     uncond: only the unconditional call gets them."""
-    unet = tiny["unet"]
+    unet = tiny["frozen"].denoiser
     calls = []
     original = unet.forward
 
@@ -83,8 +82,8 @@ def test_where_the_control_goes(tiny, mode):
     unet.forward = recording
     try:
         control = Control(tiny["nets"][0], torch.rand(1, 3, 64, 64))
-        result = sample(unet, tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler(tiny["sd"]), [control],
-                        ["a cat"], mode=mode, steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0))
+        result = sample(tiny["frozen"], scheduler(tiny["frozen"]), [control], ["a cat"], mode=mode, steps=2, height=64,
+                        width=64, generator=torch.Generator().manual_seed(0))
     finally:
         unet.forward = original
     assert len(calls) == 4 and result.images[0].size == (64, 64)
@@ -95,14 +94,11 @@ def test_where_the_control_goes(tiny, mode):
 def test_without_a_controlnet_the_sampler_draws_what_a_zero_initialised_one_draws(tiny):
     """The base alone (no ControlNet) and a fresh ControlNet (zero convolutions) give the
     same pixels: the base samples a reproduction compares against are the step-0 model."""
-    from train.trainer import make_controlnet
-
+    frozen = tiny["frozen"]
     args = dict(prompts=["a cat"], mode="both", steps=3, height=64, width=64)
-    base = sample(tiny["unet"], tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler(tiny["sd"]), [],
-                  generator=torch.Generator().manual_seed(3), **args)
-    fresh = Control(make_controlnet(tiny["unet"]), torch.rand(1, 3, 64, 64))
-    step0 = sample(tiny["unet"], tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler(tiny["sd"]), [fresh],
-                   generator=torch.Generator().manual_seed(3), **args)
+    base = sample(frozen, scheduler(frozen), [], generator=torch.Generator().manual_seed(3), **args)
+    fresh = Control(frozen.family.make_controlnet(frozen, None, "zero"), torch.rand(1, 3, 64, 64))
+    step0 = sample(frozen, scheduler(frozen), [fresh], generator=torch.Generator().manual_seed(3), **args)
     assert base.weights == [] and np.array_equal(np.asarray(base.images[0]), np.asarray(step0.images[0]))
 
 
@@ -160,8 +156,7 @@ def test_auto_prompt_runs_the_two_pass_recipe_with_blip(tiny, tiny_blip):
     def first_pass(prompt):
         passes.append(prompt)
         control = Control(tiny["nets"][0], torch.rand(1, 3, 64, 64))
-        return sample(tiny["unet"], tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler(tiny["sd"]),
-                      [control], [prompt], steps=2, height=64, width=64,
+        return sample(tiny["frozen"], scheduler(tiny["frozen"]), [control], [prompt], steps=2, height=64, width=64,
                       generator=torch.Generator().manual_seed(0)).images[0]
 
     auto = resolve_prompt("auto", None, None, first_pass, captioner)
@@ -237,15 +232,14 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(tiny):
 
     from train.sampler import Control, sample
 
-    t = {**tiny, "scheduler": scheduler(tiny["sd"])}
+    t = {**tiny, "scheduler": scheduler(tiny["frozen"])}
     conditions = torch.rand(3, 3, 64, 64)
     prompts = ["a red circle", "", "shapes"]
 
     def draw(indices):
         controls = [Control(t["nets"][0], conditions[indices])]
-        return sample(t["unet"], t["vae"], t["text_encoder"], t["tokenizer"], t["scheduler"], controls,
-                      [prompts[i] for i in indices], mode="paper", steps=3, guidance_scale=5.0, height=64, width=64,
-                      generator=[torch.Generator().manual_seed(10 + i) for i in indices]).images
+        return sample(t["frozen"], t["scheduler"], controls, [prompts[i] for i in indices], mode="paper", steps=3,
+                      guidance_scale=5.0, height=64, width=64, generator=[torch.Generator().manual_seed(10 + i) for i in indices]).images
 
     batched = draw([0, 1, 2])
     alone = [draw([i])[0] for i in range(3)]
@@ -253,5 +247,42 @@ def test_a_sample_is_the_same_alone_or_in_a_batch(tiny):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 2
     assert not np.array_equal(np.asarray(batched[0]), np.asarray(batched[2])), "different seeds, different samples"
     with pytest.raises(ValueError, match="one per prompt"):
-        sample(t["unet"], t["vae"], t["text_encoder"], t["tokenizer"], t["scheduler"], [], prompts, steps=1,
-               height=64, width=64, generator=[torch.Generator()])
+        sample(t["frozen"], t["scheduler"], [], prompts, steps=1, height=64, width=64, generator=[torch.Generator()])
+
+
+def test_sample_and_eval_settings_come_from_yaml_and_flags(tmp_path):
+    """Every SampleConfig / EvalConfig field is a flag and a --config key; a flag beats
+    the YAML; list flags repeat (one --controlnet and --image per ControlNet)."""
+    import argparse
+
+    from common.config import ConfigError, load_config
+    from common.flags import overrides_from
+    from train.config import EvalConfig, SampleConfig
+    from train.sample_cli import add_eval_arguments, add_sample_arguments
+
+    parser = argparse.ArgumentParser()
+    add_sample_arguments(parser)
+    (tmp_path / "s.yaml").write_text("controlnet: [a, b]\nimage: [x.png, y.png]\nsteps: 5\nmode: both\n")
+    args = parser.parse_args(["--config", str(tmp_path / "s.yaml"), "--steps", "7"])
+    assert set(SampleConfig.model_fields) <= set(vars(args))
+    cfg = load_config(args.config, overrides_from(args), model=SampleConfig)
+    assert cfg.controlnet == ["a", "b"] and cfg.image == ["x.png", "y.png"] and cfg.steps == 7 and cfg.mode == "both"
+    assert cfg.guidance_scale == 9.0 and cfg.batch_size == 16 and cfg.prompt_mode == "auto"
+    args = parser.parse_args(["--controlnet", "a", "--image", "x", "--controlnet", "b", "--image", "y",
+                              "--scale", "0.5", "--scale", "2"])
+    cfg = load_config(None, overrides_from(args), model=SampleConfig)
+    assert cfg.controlnet == ["a", "b"] and cfg.image == ["x", "y"] and cfg.scale == [0.5, 2.0] and cfg.mode is None
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(None, overrides_from(parser.parse_args(["--batch-size", "0"])), model=SampleConfig)
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    (tmp_path / "e.yaml").write_text("condition: canny\nshuffled: true\n")
+    args = parser.parse_args(["out/s", "--config", str(tmp_path / "e.yaml")])
+    assert set(EvalConfig.model_fields) <= set(vars(args))
+    cfg = load_config(args.config, overrides_from(args), model=EvalConfig)
+    assert cfg.folder == "out/s" and cfg.condition == "canny" and cfg.shuffled and cfg.weights is None
+    assert load_config(None, overrides_from(parser.parse_args(["--folder", "f", "--condition", "depth"])),
+                       model=EvalConfig).folder == "f"
+    with pytest.raises(ConfigError, match="condition"):
+        load_config(None, overrides_from(parser.parse_args(["out/s"])), model=EvalConfig)

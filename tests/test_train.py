@@ -14,8 +14,9 @@ from conftest import write_synthetic
 from http_server import serve
 from pipeline.build import run_build
 from pipeline.config import BuildConfig
+from train import families
 from train.config import TrainConfig
-from train.trainer import PromptDropout, load_frozen, make_controlnet, train
+from train.trainer import PromptDropout, train
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,15 @@ def setup(tmp_path_factory):
     return root, sd
 
 
+def load(sd) -> families.Frozen:
+    return families.load(str(sd), torch.float32)
+
+
+def fresh_controlnet(frozen: families.Frozen, init: str = "zero"):
+    """What a run starts from: the trainer's call."""
+    return frozen.family.make_controlnet(frozen, None, init)
+
+
 def config(setup, out, **kw) -> TrainConfig:
     root, sd = setup
     base = dict(shards=[str(root / "shards")], pretrained_model=str(sd), output_dir=str(out), resolution=64,
@@ -44,8 +54,9 @@ def config(setup, out, **kw) -> TrainConfig:
 
 def test_zero_convolutions_leave_the_unet_unchanged_at_step_0(setup):
     _, sd = setup
-    _, _, _, unet, _ = load_frozen(str(sd), torch.float32)
-    controlnet = make_controlnet(unet)
+    frozen = load(sd)
+    unet = frozen.denoiser
+    controlnet = fresh_controlnet(frozen)
     torch.manual_seed(0)
     noisy, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     text = torch.randn(2, 16, 32)
@@ -67,11 +78,11 @@ def test_a_few_steps_move_only_the_controlnet(setup, tmp_path):
     _, sd = setup
     result = train(config(setup, tmp_path / "cn"), log=lambda *_: None)
     assert result["global_step"] == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
-    tokenizer, text_encoder, vae, unet, _ = load_frozen(str(sd), torch.float32)
-    for name, fresh in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    frozen = load(sd)
+    for name, fresh in (("denoiser", frozen.denoiser), ("vae", frozen.vae), ("text_encoder", frozen.text_encoders[0])):
         trained = result["models"][name].state_dict()
         assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items()), f"{name} changed"
-    start = make_controlnet(unet).state_dict()
+    start = fresh_controlnet(frozen).state_dict()
     after = result["models"]["controlnet"].state_dict()
     moved = [k for k in start if not torch.equal(start[k], after[k])]
     assert len(moved) > len(start) // 2, "the ControlNet's weights moved"
@@ -195,8 +206,7 @@ def test_ema_weights_are_what_gets_saved(setup, tmp_path):
     raw = train(config(setup, tmp_path / "raw"), log=lambda *_: None)["models"]["controlnet"].state_dict()
     train(config(setup, tmp_path / "ema", use_ema=True, ema_decay=0.9), log=lambda *_: None)
     ema = ControlNetModel.from_pretrained(tmp_path / "ema").state_dict()
-    _, _, _, unet, _ = load_frozen(str(sd), torch.float32)
-    init = make_controlnet(unet).state_dict()
+    init = fresh_controlnet(load(sd)).state_dict()
     distance = lambda a: sum(float((a[k] - init[k]).float().norm()) for k in init)  # noqa: E731
     assert 0 < distance(ema) < distance(raw), "the EMA lags the raw weights"
 
@@ -236,26 +246,28 @@ def test_checkpoints_hold_a_controlnet_folder_that_loads(setup, tmp_path):
 
 
 def test_random_init_ablation_and_a_condition_encoder_that_matches_the_vae(setup):
+    import dataclasses
+
     from diffusers import AutoencoderKL
 
-    from train.trainer import vae_scale_factor
-
     _, sd = setup
-    _, _, vae, unet, _ = load_frozen(str(sd), torch.float32)
-    assert vae_scale_factor(vae) == 8
+    frozen = load(sd)
+    assert frozen.vae_scale_factor == 8
     zero_convs = lambda net: [*net.controlnet_down_blocks, net.controlnet_mid_block,  # noqa: E731
                               net.controlnet_cond_embedding.conv_out]
-    random = make_controlnet(unet, init="random")
+    random = fresh_controlnet(frozen, init="random")
     assert all(conv.weight.abs().sum() > 0 for conv in zero_convs(random)), "the output layers are not zero"
     torch.manual_seed(123)
-    again = make_controlnet(unet, init="random")
+    again = fresh_controlnet(frozen, init="random")
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(zero_convs(random), zero_convs(again))), \
         "the re-initialisation has its own seed: the ablation is the same whatever the global RNG"
-    four = make_controlnet(unet, vae_scale_factor=4)  # a base whose VAE shrinks by 4 (bench/circles_base)
+    # a base whose VAE shrinks by 4 (as bench/circles_base): the factor comes from the VAE config's levels
+    vae4 = AutoencoderKL(block_out_channels=(8, 8, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8)
+    four = fresh_controlnet(dataclasses.replace(frozen, vae=vae4))
     cond = torch.rand(1, 3, 64, 64)
-    assert four.controlnet_cond_embedding(cond).shape[-1] == 16 and make_controlnet(unet).controlnet_cond_embedding(
+    assert four.controlnet_cond_embedding(cond).shape[-1] == 16 and fresh_controlnet(frozen).controlnet_cond_embedding(
         cond).shape[-1] == 8
-    assert AutoencoderKL  # the factor comes from the VAE config's levels, as diffusers' pipelines compute it
 
 
 def test_validation_on_held_out_shards(setup, tmp_path):
@@ -275,7 +287,7 @@ def test_validation_on_held_out_shards(setup, tmp_path):
 
 
 def test_cubic_timestep_sampling_favours_high_noise():
-    from train.trainer import sample_timesteps
+    from train.families.sd import sample_timesteps
 
     torch.manual_seed(0)
     uniform = sample_timesteps("uniform", 20000, 1000, "cpu").float()

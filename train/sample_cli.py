@@ -5,6 +5,9 @@ from a shard), or none (the base model alone, same prompts and seeds, for compar
 weighting mode. Writes NNNN.png, NNNN.json (prompt, modes, seed, weights),
 NNNN_condition.png and contact_sheet.png (condition | generated | prompt).
 
+Every setting is a flag and a key of the --config YAML (train/config.py: SampleConfig,
+EvalConfig).
+
 eval: re-annotates each generated image with the condition's annotator, compares it
 with the condition it was given, and writes report.json; --shuffled also scores every
 image against another sample's condition (the chance level).
@@ -17,6 +20,8 @@ import io
 import json
 import sys
 import textwrap
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,9 +29,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .sampler import DEFAULT_PROMPT, MODES, Control, SampleResult, sample
+from common.config import ConfigError, load_config
+from common.flags import add_model_flags, overrides_from
 
-PROMPT_MODES = ("none", "default", "auto", "user")
+from .config import EvalConfig, PromptMode, SampleConfig
+from .sampler import DEFAULT_PROMPT, Control, SampleResult, sample
+
+PROMPT_MODES = typing.get_args(PromptMode)
 
 
 def resolve_prompt(mode: str, user_prompt: str | None, source_caption: str | None,
@@ -88,135 +97,190 @@ def contact_sheet(rows: list[tuple[Image.Image, Image.Image, str]], cell: int = 
     return sheet
 
 
-def run_sample(args: argparse.Namespace, log=print) -> list[dict[str, Any]]:
-    from diffusers import ControlNetModel, DDIMScheduler
+@dataclass
+class Job:
+    """One sample to draw: a condition image per ControlNet, and what the source says."""
 
-    from . import families
+    conditions: list[Image.Image]
+    caption: str | None
+    name: str
+    condition_params: dict
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+
+Draw = Callable[[list[list[Image.Image]], list[str], list[int]], SampleResult]
+
+
+def run_sample(cfg: SampleConfig, log=print) -> list[dict[str, Any]]:
+    check_inputs(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    frozen = families.load(args.pretrained_model, dtype)
-    families.check_resolution(frozen, args.resolution)
-    unet, vae = frozen.unet.to(device, dtype), frozen.vae.to(device)
-    for encoder in frozen.text_encoders:
-        encoder.to(device)
-    through_pipeline = hasattr(frozen.family, "loss")  # flow-matching families: the diffusers pipeline samples
-    if args.mode is None:
-        args.mode = "both" if through_pipeline else "paper"
-    if through_pipeline and args.mode != "both":
-        raise ValueError(f"--mode {args.mode}: {frozen.family.NAME} samples through diffusers' "
-                         f"{frozen.family.PIPELINE}, which puts the control in both CFG branches: use --mode both")
-    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model, subfolder="scheduler")
-    net_class = ControlNetModel
-    if frozen.family.NAME == "sd3":
-        from diffusers import SD3ControlNetModel as net_class
-    elif frozen.family.NAME == "flux":
-        from diffusers import FluxControlNetModel as net_class
-    nets = []
-    for path in args.controlnet or []:
-        try:
-            nets.append(net_class.from_pretrained(path).to(device, dtype).eval())
-        except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: not a ControlNet for this {frozen.family.NAME} base "
-                             f"(made for another kind of base model?): {str(exc)[:200]}") from None
-    for path, net in zip(args.controlnet or [], nets):
-        families.check_controlnet(frozen, net, path)
+    frozen = load_base(cfg, device, dtype)
+    mode = guidance_mode(cfg, frozen.family)
+    nets = load_controlnets(cfg, frozen, device, dtype)
+    draw = make_draw(cfg, frozen, nets, mode, device, dtype)
+    jobs = sampling_jobs(cfg)
+    planned = plan_prompts(cfg, jobs, draw, make_captioner(cfg))
+    return draw_and_write(cfg, planned, draw, mode, log)
 
-    def encode(prompts: list[str]):
-        return frozen.family.conditioning(frozen, prompts, device, None, (args.resolution, args.resolution))
 
-    pipe = None
-    if through_pipeline:
-        if len(nets) > 1:
-            raise ValueError(f"{frozen.family.NAME}: one --controlnet at a time")
-        pipe = _family_pipeline(frozen, nets[0] if nets else None, device, dtype)
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
-    scales = args.scale or [1.0] * len(nets)
-    if len(scales) != len(nets):
+def check_inputs(cfg: SampleConfig) -> None:
+    """What the flags must agree on, before any model loads."""
+    n = len(cfg.controlnet)
+    if cfg.scale and len(cfg.scale) != n:
         raise ValueError("give one --scale per --controlnet")
-    if not nets and not args.shard and len(args.image or []) != 1:
+    if not n and not cfg.shard and len(cfg.image) != 1:
         raise ValueError("without --controlnet (the base model alone) give --shard or one --image: the conditions "
                          "are recorded beside the samples for eval")
-    if args.shard:
-        if len(nets) > 1:
-            raise ValueError("--shard draws conditions for one ControlNet; use --image per ControlNet for several")
-        jobs = [([cond], caption, key, params)
-                for cond, caption, key, params in conditions_from_shard(args.shard, args.condition, args.num)]
+    if cfg.shard and n > 1:
+        raise ValueError("--shard draws conditions for one ControlNet; use --image per ControlNet for several")
+    if not cfg.shard and n and len(cfg.image) != n:
+        raise ValueError("give one --image per --controlnet (or --shard)")
+
+
+def load_base(cfg: SampleConfig, device: str, dtype: torch.dtype):
+    """The base model's parts, on `device`, checked against the resolution."""
+    from . import families
+
+    frozen = families.load(cfg.pretrained_model, dtype)
+    frozen.family.check_resolution(frozen, cfg.resolution)
+    frozen.denoiser.to(device, dtype)
+    frozen.vae.to(device)
+    for encoder in frozen.text_encoders:
+        encoder.to(device)
+    return frozen
+
+
+def guidance_mode(cfg: SampleConfig, family) -> str:
+    """--mode, or its default: `paper`, or `both` for families that sample through their
+    diffusers pipeline (which puts the control in both CFG branches, and nowhere else)."""
+    if not family.SAMPLES_THROUGH_PIPELINE:
+        return cfg.mode or "paper"
+    if cfg.mode not in (None, "both"):
+        raise ValueError(f"--mode {cfg.mode}: {family.NAME} samples through diffusers' {family.PIPELINE}, which puts "
+                         f"the control in both CFG branches: use --mode both")
+    return "both"
+
+
+def load_controlnets(cfg: SampleConfig, frozen, device: str, dtype: torch.dtype) -> list:
+    """Each --controlnet, of the base's family and checked against the base."""
+    family = frozen.family
+    nets = [family.load_controlnet(path).to(device, dtype).eval() for path in cfg.controlnet]
+    for path, net in zip(cfg.controlnet, nets):
+        family.check_controlnet(frozen, net, path)
+    if family.SAMPLES_THROUGH_PIPELINE and len(nets) > 1:
+        raise ValueError(f"{family.NAME}: one --controlnet at a time")
+    return nets
+
+
+def make_draw(cfg: SampleConfig, frozen, nets: list, mode: str, device: str, dtype: torch.dtype) -> Draw:
+    """A function drawing one batch: each ControlNet gets its conditions stacked, each
+    sample its own seed; through the family's diffusers pipeline, or through ours."""
+    family = frozen.family
+    scales = cfg.scale or [1.0] * len(nets)
+    size = cfg.resolution
+    if family.SAMPLES_THROUGH_PIPELINE:
+        pipe = _family_pipeline(frozen, nets[0] if nets else None, device, dtype)
+
+        def draw(conditions, prompts, seeds):
+            control = ({family.CONTROL_IMAGE_ARG: [c[0].convert("RGB") for c in conditions],
+                        "controlnet_conditioning_scale": scales[0]} if nets else {})
+            negative = {"negative_prompt": [cfg.negative_prompt] * len(prompts)} if cfg.negative_prompt else {}
+            images = pipe(prompt=prompts, **negative, **control, num_inference_steps=cfg.steps,
+                          guidance_scale=cfg.guidance_scale, height=size, width=size,
+                          generator=[torch.Generator().manual_seed(s) for s in seeds],
+                          **family.EXTRA_PIPELINE_ARGS).images
+            return SampleResult(images, [])
+        return draw
+
+    scheduler = family.sampling_scheduler(frozen)
+
+    def draw(conditions, prompts, seeds):
+        controls = [Control(net, torch.cat([_tensor(c[k], size) for c in conditions]).to(device, dtype), s)
+                    for k, (net, s) in enumerate(zip(nets, scales))]
+        return sample(frozen, scheduler, controls, prompts, cfg.negative_prompt, mode, cfg.steps, cfg.guidance_scale,
+                      size, size, [torch.Generator().manual_seed(seed) for seed in seeds])
+    return draw
+
+
+def _family_pipeline(frozen, controlnet, device, dtype):
+    """The family's diffusers pipeline (with the ControlNet, or the base's own without)."""
+    family = frozen.family
+    if controlnet is not None:
+        pipe = family.pipeline(frozen, frozen.denoiser, controlnet, family.sampling_scheduler(frozen))
     else:
-        if nets and len(args.image or []) != len(nets):
-            raise ValueError("give one --image per --controlnet (or --shard)")
-        jobs = [([Image.open(p) for p in args.image], None, Path(args.image[0]).stem, {})]
-    captioner = None
-    if args.prompt_mode == "auto" and args.caption_model:
+        pipe = family.base_pipeline(frozen)
+        pipe.scheduler = family.sampling_scheduler(frozen)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def sampling_jobs(cfg: SampleConfig) -> list[Job]:
+    """The conditions to sample: the first --num of --shard, or the --image files."""
+    if cfg.shard:
+        return [Job([cond], caption, key, params)
+                for cond, caption, key, params in conditions_from_shard(cfg.shard, cfg.condition, cfg.num)]
+    return [Job([Image.open(p) for p in cfg.image], None, Path(cfg.image[0]).stem, {})]
+
+
+def make_captioner(cfg: SampleConfig):
+    """BLIP for --prompt-mode auto (when a condition has no source caption), else None."""
+    if cfg.prompt_mode == "auto" and cfg.caption_model:
         from stages.models.captioner import BlipCaptioner
 
-        captioner = BlipCaptioner(args.caption_model, max_new_tokens=30)
-    def generate(conditions: list[list[Image.Image]], prompts: list[str], seeds: list[int]):
-        """One batch: each ControlNet gets its conditions stacked; each sample its own seed."""
-        if pipe is not None:
-            control = ({frozen.family.CONTROL_IMAGE_ARG: [c[0].convert("RGB") for c in conditions],
-                        "controlnet_conditioning_scale": scales[0]} if nets else {})
-            negative = {"negative_prompt": [args.negative_prompt] * len(prompts)} if args.negative_prompt else {}
-            images = pipe(prompt=prompts, **negative, **control,
-                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale, height=args.resolution,
-                          width=args.resolution, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                          **getattr(frozen.family, "EXTRA_PIPELINE_ARGS", {})).images
-            return SampleResult(images, [])
-        controls = [Control(net, torch.cat([_tensor(c[k], args.resolution) for c in conditions]).to(device, dtype), s)
-                    for k, (net, s) in enumerate(zip(nets, scales))]
-        return sample(unet, vae, None, None, scheduler, controls, prompts, args.negative_prompt,
-                      args.mode, args.steps, args.guidance_scale, args.resolution, args.resolution,
-                      [torch.Generator().manual_seed(seed) for seed in seeds], encode=encode)
+        return BlipCaptioner(cfg.caption_model, max_new_tokens=30)
+    return None
 
-    planned = []  # prompts first (auto mode may draw a first pass per sample), then batches
-    for index, (images, caption, name, condition_params) in enumerate(jobs):
-        seed = args.seed + index
-        prompt = resolve_prompt(args.prompt_mode, args.prompt, caption,
-                                lambda p: generate([images], [p], [seed]).images[0], captioner)
-        planned.append((index, images, name, condition_params, seed, prompt))
+
+def plan_prompts(cfg: SampleConfig, jobs: list[Job], draw: Draw, captioner) -> list[tuple[int, Job, int, dict]]:
+    """(index, job, seed, prompt) per sample: prompts first, since auto mode may draw a
+    first pass per sample; then the batches."""
+    planned = []
+    for index, job in enumerate(jobs):
+        seed = cfg.seed + index
+        prompt = resolve_prompt(cfg.prompt_mode, cfg.prompt, job.caption,
+                                lambda p, job=job, seed=seed: draw([job.conditions], [p], [seed]).images[0], captioner)
+        planned.append((index, job, seed, prompt))
+    return planned
+
+
+def draw_and_write(cfg: SampleConfig, planned: list[tuple[int, Job, int, dict]], draw: Draw, mode: str,
+                   log=print) -> list[dict[str, Any]]:
+    """Draw the planned samples in batches; write NNNN.png, NNNN_condition.png, NNNN.json
+    and contact_sheet.png."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    scales = cfg.scale or [1.0] * len(cfg.controlnet)
     records, rows = [], []
-    for start in range(0, len(planned), args.batch_size):
-        chunk = planned[start:start + args.batch_size]
-        result = generate([c[1] for c in chunk], [c[5]["prompt"] for c in chunk], [c[4] for c in chunk])
-        for (index, images, name, condition_params, seed, prompt), image in zip(chunk, result.images):
-            record = {"index": index, "source": name, **prompt, "prompt_mode": args.prompt_mode,
-                      "negative_prompt": args.negative_prompt, "guidance_mode": args.mode, "weights": result.weights,
-                      "seed": seed, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                      "controlnets": list(args.controlnet or []), "scales": scales, "condition": args.condition,
-                      "condition_keypoints": condition_params.get("keypoints")}
+    for start in range(0, len(planned), cfg.batch_size):
+        chunk = planned[start:start + cfg.batch_size]
+        result = draw([job.conditions for _, job, _, _ in chunk], [p["prompt"] for *_, p in chunk],
+                      [seed for _, _, seed, _ in chunk])
+        for (index, job, seed, prompt), image in zip(chunk, result.images):
+            record = {"index": index, "source": job.name, **prompt, "prompt_mode": cfg.prompt_mode,
+                      "negative_prompt": cfg.negative_prompt, "guidance_mode": mode, "weights": result.weights,
+                      "seed": seed, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+                      "controlnets": list(cfg.controlnet), "scales": scales, "condition": cfg.condition,
+                      "condition_keypoints": job.condition_params.get("keypoints")}
             image.save(out / f"{index:04d}.png")
-            images[0].convert("RGB").resize((args.resolution, args.resolution)).save(out / f"{index:04d}_condition.png")
+            job.conditions[0].convert("RGB").resize((cfg.resolution, cfg.resolution)).save(
+                out / f"{index:04d}_condition.png")
             (out / f"{index:04d}.json").write_text(json.dumps(record, indent=1))
             records.append(record)
-            rows.append((images[0], image, prompt["prompt"]))
+            rows.append((job.conditions[0], image, prompt["prompt"]))
             log(f"  {index:04d}: {prompt['prompt_source']}: {prompt['prompt']!r}")
     contact_sheet(rows).save(out / "contact_sheet.png")
     log(f"wrote {len(records)} samples and contact_sheet.png to {out}")
     return records
 
 
-def _family_pipeline(frozen, controlnet, device, dtype):
-    """The family's diffusers pipeline (with the ControlNet, or the base's own without)."""
-    if controlnet is not None:
-        pipe = frozen.family.pipeline(frozen, frozen.unet, controlnet, frozen.family.sampling_scheduler(frozen))
-    else:
-        pipe = frozen.family._prompt_pipeline(frozen)
-        pipe.scheduler = frozen.family.sampling_scheduler(frozen)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
-
-
-def run_eval(folder: str, condition: str, annotator_params: dict | None = None, clip_model: str | None = None,
-             shuffled: bool = False, log=print) -> dict[str, Any]:
+def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     from stages.annotators import create
 
     from .metrics import METRICS, clip_score, controllability, keypoint_distance
 
+    folder, condition, clip_model = cfg.folder, cfg.condition, cfg.clip_model
     root = Path(folder)
-    annotator = create([condition], {condition: annotator_params} if annotator_params else {})[condition]
+    annotator = create([condition], {condition: {"weights": cfg.weights}} if cfg.weights else {})[condition]
     annotator.setup()
     records = [json.loads(p.read_text()) for p in sorted(root.glob("[0-9][0-9][0-9][0-9].json"))]
     if not records:
@@ -242,7 +306,7 @@ def run_eval(folder: str, condition: str, annotator_params: dict | None = None, 
     values = [p[name] for p in per_image if p[name] is not None]
     report = {"condition": condition, "metric": name, "higher_is_better": higher,
               "mean": float(np.mean(values)) if values else None, "evaluated": len(values), "samples": per_image}
-    if shuffled:
+    if cfg.shuffled:
         if condition == "openpose" or len(records) < 2:
             raise ValueError("--shuffled needs a map condition (not openpose) and at least two samples")
         report["shuffled_mean"] = _shuffled_score(root, records, images, condition, annotator)
@@ -269,54 +333,29 @@ def _shuffled_score(root: Path, records: list[dict], images: dict, condition: st
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--pretrained-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="base model: hub id or folder")
-    add("--controlnet", action="append", help="repeatable: a trained ControlNet (folder or hub id); none = the base "
-        "model alone, with the same prompts and seeds (give --shard or --image for the conditions eval compares with)")
-    add("--image", action="append", help="repeatable: the condition image for each --controlnet")
-    add("--scale", action="append", type=float, help="repeatable: each ControlNet's scale (default 1)")
-    add("--shard", help="draw conditions (and source captions) from this shard instead of --image")
-    add("--condition", default="canny", help="the condition member to read from --shard (default canny)")
-    add("--num", type=int, default=4, help="samples to draw from --shard (default 4)")
-    add("--prompt-mode", choices=PROMPT_MODES, default="auto", help="none, default, auto (BLIP), user (default auto)")
-    add("--prompt", help="the prompt for --prompt-mode user")
-    add("--negative-prompt", default="")
-    add("--caption-model", default="Salesforce/blip-image-captioning-base", help="BLIP for --prompt-mode auto")
-    add("--mode", choices=MODES, default=None, help="guidance weighting (default paper; both for SD3): paper = control in the "
-        "conditional branch weighted by resolution; lllyasviel, diffusers = other weightings; both = both branches; "
-        "uncond = unconditional branch only; --guidance-scale 1 = no CFG")
-    add("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    add("--guidance-scale", type=float, default=9.0, help="CFG scale (default 9.0)")
-    add("--resolution", type=int, default=512)
-    add("--seed", type=int, default=0, help="sample i uses seed + i, whatever the batch size")
-    add("--batch-size", type=int, default=16, help="samples drawn together (default 16); a sample is the same "
-        "in any batch size, up to float rounding")
-    add("--output", default="out/samples")
+    parser.add_argument("--config", help="YAML file with any of the settings below; flags override it")
+    add_model_flags(parser, SampleConfig)  # list flags repeat: --controlnet a --image x --controlnet b --image y
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="a `controlforge sample` output folder")
-    parser.add_argument("--condition", required=True, help="which annotator re-annotates the images")
-    parser.add_argument("--weights", help="the annotator's weights (hub id or folder)")
-    parser.add_argument("--clip-model", help="a CLIP model (folder or hub id) for the CLIP score of image vs prompt")
-    parser.add_argument("--shuffled", action="store_true",
-                        help="also score each image against another sample's condition (the chance level)")
+    parser.add_argument("folder", nargs="?", default=argparse.SUPPRESS, metavar="FOLDER",
+                        help="a `controlforge sample` output folder (or --folder, or folder: in --config)")
+    parser.add_argument("--config", help="YAML file with any of the settings below; flags override it")
+    add_model_flags(parser, EvalConfig)
+
+
+def _run(args: argparse.Namespace, model, run) -> int:
+    try:
+        run(load_config(args.config, overrides_from(args), model=model))
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def run_sample_from_args(args: argparse.Namespace) -> int:
-    try:
-        run_sample(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return _run(args, SampleConfig, run_sample)
 
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
-    try:
-        run_eval(args.folder, args.condition, {"weights": args.weights} if args.weights else None, args.clip_model,
-                 args.shuffled)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return _run(args, EvalConfig, run_eval)

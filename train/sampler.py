@@ -13,16 +13,21 @@ Guidance weighting (`mode`):
 - `uncond`: control only in the unconditional branch, weights 1 (an ablation: CFG then
   pushes *away* from the control).
 With no ControlNet at all the sampler draws from the base model alone (for comparison).
+It serves the families that do not sample through their diffusers pipeline (SD, SDXL).
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-MODES = ("paper", "lllyasviel", "diffusers", "both", "uncond")
+from .config import GuidanceMode
+from .families import cast
+
+MODES = typing.get_args(GuidanceMode)
 DEFAULT_PROMPT = "a professional, detailed, high-quality image"
 
 
@@ -73,49 +78,36 @@ def weighted(down: list[torch.Tensor] | None, mid: torch.Tensor | None, mode: st
     return [d * w for d, w in zip(down, weights[:-1])], mid * weights[-1], weights
 
 
-def _cast(added: dict | None, dtype: torch.dtype) -> dict | None:
-    return None if added is None else {k: v.to(dtype) for k, v in added.items()}
-
-
 @dataclass
 class SampleResult:
     images: list[Any]
     weights: list[float] = field(default_factory=list)
 
 
-def encode_text(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids, return_dict=False)[0]
-
-
 @torch.no_grad()
-def sample(unet, vae, text_encoder, tokenizer, scheduler, controls: Sequence[Control], prompts: list[str],
-           negative_prompt: str = "", mode: str = "paper", steps: int = 20, guidance_scale: float = 9.0,
-           height: int = 512, width: int = 512,
-           generator: torch.Generator | Sequence[torch.Generator] | None = None,
-           encode: Callable[[list[str]], tuple[torch.Tensor, dict | None]] | None = None) -> SampleResult:
-    """DDIM + CFG; with `mode` deciding where the control goes and how it is weighted.
+def sample(frozen, scheduler, controls: Sequence[Control], prompts: list[str], negative_prompt: str = "",
+           mode: str = "paper", steps: int = 20, guidance_scale: float = 9.0, height: int = 512, width: int = 512,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SampleResult:
+    """DDIM + CFG on a loaded base (`families.load`: its UNet, VAE and the family's prompt
+    encoding), with `mode` deciding where the control goes and how it is weighted.
 
     `generator` may be one per prompt: each sample's starting noise then comes from its
-    own generator, so a sample is the same whether it is drawn alone or in a batch.
-    `encode` (prompts -> hidden states, added conditioning) replaces tokenizer and text
-    encoder for families with more than one encoder (SDXL: pooled embeddings, time ids)."""
+    own generator, so a sample is the same whether it is drawn alone or in a batch."""
     from PIL import Image
 
-    from .trainer import vae_scale_factor
-
+    unet, vae = frozen.denoiser, frozen.vae
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     batch = len(prompts)
-    if encode is None:
-        def encode(texts):
-            return encode_text(tokenizer, text_encoder, texts, device), None
+
+    def encode(texts: list[str]):
+        return frozen.family.conditioning(frozen, texts, device, None, (height, width))
+
     cond_text, cond_added = encode(prompts)
     uncond_text, uncond_added = encode([negative_prompt] * batch)
     cond_text, uncond_text = cond_text.to(dtype), uncond_text.to(dtype)
-    cond_added, uncond_added = _cast(cond_added, dtype), _cast(uncond_added, dtype)
-    factor = vae_scale_factor(vae)
+    cond_added, uncond_added = cast(cond_added, dtype), cast(uncond_added, dtype)
+    factor = frozen.vae_scale_factor
     shape = (unet.config.in_channels, height // factor, width // factor)
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch:

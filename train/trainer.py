@@ -1,6 +1,6 @@
-"""ControlNet training as the paper does it: frozen SD (UNet, VAE, text encoder), a
-trainable copy of the UNet encoder joined by zero convolutions
-(`ControlNetModel.from_unet`), noise-prediction MSE, 50 % empty prompts.
+"""ControlNet training as the paper does it: a frozen base (denoiser, VAE, text encoders),
+a trainable ControlNet copied from it, 50 % empty prompts; what differs between base
+models (the ControlNet, the noise, the loss) is the family's (train/families/).
 
 Runs as one process, under `accelerate launch` (DDP on several GPUs), or inside a
 Ray Train worker: the same function, Accelerator handles the distribution.
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import families
 from .config import TrainConfig
@@ -45,50 +43,6 @@ class PromptDropout:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
-
-
-def load_frozen(pretrained: str, dtype: torch.dtype):
-    """SD 1.x/2.x parts as a tuple (tokenizer, text encoder, VAE, UNet, noise scheduler);
-    other families: `families.load`."""
-    from . import families
-
-    try:
-        frozen = families.load(pretrained, dtype)
-    except families.FamilyError as exc:
-        raise TrainError(str(exc)) from None
-    if len(frozen.text_encoders) != 1:
-        raise TrainError(f"{pretrained}: a {frozen.family.NAME} base; use train.families.load for it")
-    return frozen.tokenizers[0], frozen.text_encoders[0], frozen.vae, frozen.unet, frozen.scheduler
-
-
-def make_controlnet(unet, controlnet: str | None = None, vae_scale_factor: int = 8, init: str = "zero"):
-    """The trainable copy of the UNet encoder. Its condition encoder must shrink the
-    condition image by the VAE's factor (SD's is 8; a tiny base may use 4), so its stride-2
-    convolutions are cut to log2(factor). `init="random"` re-initialises the zero
-    convolutions (an ablation of the paper's design: noise reaches the UNet at step 0)."""
-    from diffusers import ControlNetModel
-
-    if controlnet:
-        try:
-            return ControlNetModel.from_pretrained(controlnet)
-        except (OSError, ValueError, TypeError) as exc:
-            raise TrainError(f"cannot load ControlNet {controlnet!r} (made for another kind of base model?): "
-                             f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    levels = int(round(math.log2(vae_scale_factor)))
-    if 2 ** levels != vae_scale_factor or levels < 1:
-        raise TrainError(f"the VAE's downsampling factor {vae_scale_factor} is not a power of two >= 2")
-    channels = (16, 32, 96, 256, 256, 256)[:levels + 1]
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
-    try:
-        families.initialise((*net.controlnet_down_blocks, net.controlnet_mid_block,
-                             net.controlnet_cond_embedding.conv_out), init)
-    except families.FamilyError as exc:
-        raise TrainError(str(exc)) from None
-    return net
-
-
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -130,27 +84,24 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     urls = expand_shards(cfg.shards) if not cfg.dataset else []
     try:
         frozen = families.load(cfg.pretrained_model, weight_dtype)
-        families.check_resolution(frozen, cfg.resolution)
-        if hasattr(frozen.family, "check"):
-            frozen.family.check(frozen, cfg)
-        if hasattr(frozen.family, "make_controlnet"):
-            controlnet = frozen.family.make_controlnet(frozen, cfg.controlnet, cfg.controlnet_init)
-        else:
-            controlnet = make_controlnet(frozen.unet, cfg.controlnet, frozen.vae_scale_factor, cfg.controlnet_init)
+        family = frozen.family
+        family.check_resolution(frozen, cfg.resolution)
+        family.check_settings(frozen, cfg)
+        controlnet = family.make_controlnet(frozen, cfg.controlnet, cfg.controlnet_init)
         if cfg.controlnet:
-            families.check_controlnet(frozen, controlnet, cfg.controlnet)
+            family.check_controlnet(frozen, controlnet, cfg.controlnet)
     except families.FamilyError as exc:
         raise TrainError(str(exc)) from None
-    vae, unet, noise_scheduler = frozen.vae, frozen.unet, frozen.scheduler
+    vae, denoiser = frozen.vae, frozen.denoiser
     log(f"base model: {frozen.family.NAME} ({cfg.pretrained_model})")
     controlnet.train()
     params = [{"params": list(controlnet.parameters()), "lr": cfg.learning_rate}]
     if cfg.unlock_decoder:  # the reference code's sd_locked=False: decoder trains too, at its own lr
-        decoder = [p for m in (*unet.up_blocks, unet.conv_norm_out, unet.conv_out) for p in m.parameters()]
+        decoder = [p for m in (*denoiser.up_blocks, denoiser.conv_norm_out, denoiser.conv_out) for p in m.parameters()]
         for p in decoder:
             p.requires_grad_(True)
         params.append({"params": decoder, "lr": cfg.decoder_learning_rate})
-    unet.to(torch.float32 if cfg.unlock_decoder else weight_dtype)
+    denoiser.to(torch.float32 if cfg.unlock_decoder else weight_dtype)
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
     optimizer = _optimizer(cfg, params)
@@ -158,7 +109,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
     if cfg.unlock_decoder:
-        unet = accelerator.prepare(unet)
+        denoiser = accelerator.prepare(denoiser)
     if cfg.compile:
         controlnet = torch.compile(controlnet)
     dropout = PromptDropout(cfg.prompt_dropout, cfg.seed + accelerator.process_index)
@@ -170,7 +121,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         ema = EMAModel(accelerator.unwrap_model(controlnet).parameters(), decay=cfg.ema_decay)
         accelerator.register_for_checkpointing(ema)
     device = accelerator.device
-    for module in (*frozen.text_encoders, vae) + (() if cfg.unlock_decoder else (unet,)):
+    for module in (*frozen.text_encoders, vae) + (() if cfg.unlock_decoder else (denoiser,)):
         module.to(device)
 
     global_step = 0
@@ -212,8 +163,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         if global_step >= cfg.max_train_steps:
             break
         with accelerator.accumulate(controlnet):
-            step_loss = getattr(frozen.family, "loss", _step)  # flow-matching families bring their own
-            loss = step_loss(batch, cfg, frozen, unet, controlnet, dropout, device, weight_dtype, log)
+            loss = family.loss(batch, cfg, frozen, denoiser, controlnet, dropout, device, weight_dtype, log)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
@@ -241,7 +191,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         if global_step % cfg.validation_steps == 0 and cfg.num_validation_images:
             stop = 0
             if validation is not None:
-                images = run_validation(validation, cfg, accelerator, frozen, unet, controlnet, global_step,
+                images = run_validation(validation, cfg, accelerator, frozen, denoiser, controlnet, global_step,
                                         weight_dtype)
                 if tracker is not None:
                     stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator, log))
@@ -262,7 +212,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         log(f"saved ControlNet to {output_dir} ({accelerator.num_processes} process(es), weights agree)")
     accelerator.end_training()
     return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir), "step_times": step_times,
-            "models": {"controlnet": accelerator.unwrap_model(controlnet), "unet": accelerator.unwrap_model(unet),
+            "models": {"controlnet": accelerator.unwrap_model(controlnet),
+                       "denoiser": accelerator.unwrap_model(denoiser),
                        "vae": vae, "text_encoder": frozen.text_encoders[0], "frozen": frozen}}
 
 
@@ -272,52 +223,6 @@ def _rank_checksums(accelerator, model) -> list[float]:
     for p in model.parameters():
         total += p.detach().double().sum()
     return [float(x) for x in accelerator.gather(total).cpu()]
-
-
-def _step(batch, cfg, frozen, unet, controlnet, dropout, device, dtype, log=print):
-    vae, noise_scheduler = frozen.vae, frozen.scheduler
-    sizes = batch.get("sizes")
-    if frozen.family.NAME == "sdxl" and not (sizes or {}).get("recorded") and "sizes" not in frozen.notes:
-        frozen.notes.add("sizes")
-        log("note: these shards do not record each sample's original size and crop offset (json orig_width/"
-            "orig_height, crop_top/crop_left); SDXL's time_ids use the image size and no crop for those")
-    with torch.no_grad():
-        if "latents" in batch:  # cached at build time: mean x scaling factor
-            latents = batch["latents"].to(device).float()
-        else:
-            latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
-            latents = (latents * vae.config.scaling_factor).float()
-        hidden, added = frozen.family.conditioning(frozen, dropout(batch["text"]), device, sizes,
-                                                   tuple(batch["pixel_values"].shape[-2:]))  # (h, w): buckets too
-    noise = torch.randn_like(latents)
-    timesteps = sample_timesteps(cfg.timestep_sampling, latents.shape[0], noise_scheduler.config.num_train_timesteps,
-                                 device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden.float(), added_cond_kwargs=_cast(added, torch.float32),
-                           controlnet_cond=batch["conditioning_pixel_values"].to(device), return_dict=False)
-    unet_dtype = next(unet.parameters()).dtype
-    prediction = unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=hidden.to(unet_dtype),
-                      added_cond_kwargs=_cast(added, unet_dtype),
-                      down_block_additional_residuals=None if cfg.only_mid_control else [d.to(unet_dtype) for d in down],
-                      mid_block_additional_residual=mid.to(unet_dtype), return_dict=False)[0]
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-
-
-def _cast(added: dict | None, dtype: torch.dtype) -> dict | None:
-    return None if added is None else {k: v.to(dtype) for k, v in added.items()}
-
-
-def sample_timesteps(how: str, batch: int, total: int, device) -> torch.Tensor:
-    """`uniform` as the paper; `cubic` as T2I-Adapter: t = (1 - u^3) T puts most samples at
-    high noise, where the layout is decided and the condition carries the most information."""
-    if how == "cubic":
-        u = torch.rand(batch, device=device)
-        return ((1 - u ** 3) * total).long().clamp(0, total - 1)
-    return torch.randint(0, total, (batch,), device=device).long()
 
 
 def _optimizer(cfg: TrainConfig, params):
@@ -382,25 +287,24 @@ def _validation_batch(urls: list[str], cfg: TrainConfig) -> dict[str, Any]:
     return collate(samples)
 
 
-def run_validation(batch, cfg, accelerator, frozen, unet, controlnet, step, dtype) -> list:
+def run_validation(batch, cfg, accelerator, frozen, denoiser, controlnet, step, dtype) -> list:
     """Sample with the models already in memory (no second pipeline load), through the
     family's diffusers ControlNet pipeline; save condition | result rows."""
     import numpy as np
-    from diffusers import DDIMScheduler
     from PIL import Image
 
-    scheduler = (frozen.family.sampling_scheduler(frozen) if hasattr(frozen.family, "sampling_scheduler")
-                 else DDIMScheduler.from_config(frozen.scheduler.config))  # no reload from disk per validation
-    pipe = frozen.family.pipeline(frozen, accelerator.unwrap_model(unet), accelerator.unwrap_model(controlnet), scheduler)
+    family = frozen.family
+    pipe = family.pipeline(frozen, accelerator.unwrap_model(denoiser), accelerator.unwrap_model(controlnet),
+                           family.sampling_scheduler(frozen))
     pipe.set_progress_bar_config(disable=True)
     conditions = [Image.fromarray((c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
                   for c in batch["conditioning_pixel_values"]]
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     with torch.autocast(accelerator.device.type, enabled=dtype != torch.float32):
-        control = {getattr(frozen.family, "CONTROL_IMAGE_ARG", "image"): conditions}
-        images = pipe(prompt=batch["text"], **control, num_inference_steps=cfg.validation_inference_steps,
-                      guidance_scale=cfg.validation_guidance_scale, generator=generator, height=cfg.resolution,
-                      width=cfg.resolution, **getattr(frozen.family, "EXTRA_PIPELINE_ARGS", {})).images
+        images = pipe(prompt=batch["text"], **{family.CONTROL_IMAGE_ARG: conditions},
+                      num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
+                      generator=generator, height=cfg.resolution, width=cfg.resolution,
+                      **family.EXTRA_PIPELINE_ARGS).images
     size = cfg.resolution
     grid = Image.new("RGB", (2 * size, len(images) * size))
     for row, (cond, image) in enumerate(zip(conditions, images)):

@@ -1,6 +1,7 @@
-"""Model families: what differs between base models, behind one small interface, so the
-trainer, the sampler and validation run one loop for all. A family is one module here;
-adding one is adding a file and a line in FAMILIES.
+"""Model families: what differs between base models, behind one declared interface
+(`base.Family`), so the trainer, the sampler and validation run one loop for all. A family
+is one module here holding a `Family` subclass; adding one is adding a file and a line in
+FAMILIES.
 
 The family is read from the base folder's `model_index.json` (`_class_name`), before any
 model is loaded, so an unsupported base fails at once with a clear message.
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .base import Family, Noised, missing  # noqa: F401 (the interface, re-exported)
 
 
 class FamilyError(ValueError):
@@ -29,31 +32,31 @@ class Frozen:
     tokenizers: list
     text_encoders: list
     vae: Any
-    unet: Any
-    scheduler: Any  # the training noise scheduler (DDPM)
+    denoiser: Any  # the UNet (SD, SDXL) or transformer (SD3, Flux)
+    scheduler: Any  # the training noise scheduler (DDPM, or flow matching)
     notes: set = field(default_factory=set)  # things said once (e.g. missing size records)
-    #: the family's diffusers pipeline around these parts, made once, for its encode_prompt
-    prompt_pipe: Any = field(default=None, repr=False)
+    #: the family's base_pipeline around these parts, made once
+    base_pipe: Any = field(default=None, repr=False)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-#: model_index.json _class_name -> family module (train/families/<module>.py)
+#: model_index.json _class_name -> "module.Class": the Family subclass in train/families/<module>.py
 FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionControlNetPipeline": "sd",
-    "StableDiffusionImg2ImgPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLControlNetPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusion3ControlNetPipeline": "sd3",
-    "FluxPipeline": "flux",
-    "FluxControlNetPipeline": "flux",
+    "StableDiffusionPipeline": "sd.SD",
+    "StableDiffusionControlNetPipeline": "sd.SD",
+    "StableDiffusionImg2ImgPipeline": "sd.SD",
+    "StableDiffusionXLPipeline": "sdxl.SDXL",
+    "StableDiffusionXLControlNetPipeline": "sdxl.SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl.SDXL",
+    "StableDiffusion3Pipeline": "sd3.SD3",
+    "StableDiffusion3ControlNetPipeline": "sd3.SD3",
+    "FluxPipeline": "flux.Flux",
+    "FluxControlNetPipeline": "flux.Flux",
 }
-NOT_YET: dict[str, str] = {}
+DEFAULT = "sd.SD"  # a folder without model_index.json (what older controlforge runs assumed)
 
 
 def pipeline_class_name(pretrained: str) -> str | None:
@@ -72,51 +75,33 @@ def pipeline_class_name(pretrained: str) -> str | None:
         return None
 
 
-def detect(pretrained: str):
-    """The family module of a base model. A folder without model_index.json is taken as
-    SD 1.x/2.x (what older controlforge runs assumed)."""
+def family_class(spec: str) -> type[Family]:
+    """The Family subclass a FAMILIES value ("module.Class") names."""
     import importlib
 
+    module, name = spec.rsplit(".", 1)
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def detect(pretrained: str) -> Family:
+    """The family of a base model, from its model_index.json, before any model loads."""
     name = pipeline_class_name(pretrained)
-    if name in NOT_YET:
-        raise FamilyError(f"{pretrained}: {name} ({NOT_YET[name]}) bases are not supported by the trainer yet; "
-                          f"supported: SD 1.x/2.x, SDXL, SD3 and Flux ({', '.join(sorted(FAMILIES))})")
     if name is not None and name not in FAMILIES:
         raise FamilyError(f"{pretrained}: unknown base model type {name!r}; supported: {', '.join(sorted(FAMILIES))}")
-    return importlib.import_module(f"{__name__}.{FAMILIES.get(name, 'sd')}")
+    cls = family_class(FAMILIES.get(name, DEFAULT))
+    if missing(cls):
+        raise FamilyError(f"the {cls.__name__} family does not implement {', '.join(missing(cls))} "
+                          f"(train/families/base.py declares what a family must have)")
+    return cls()
 
 
 def load(pretrained: str, dtype: torch.dtype) -> Frozen:
     return detect(pretrained).load(pretrained, dtype)
 
 
-def check_resolution(frozen: Frozen, resolution: int) -> None:
-    """The latent must halve evenly through every UNet level (or split into patches)."""
-    if hasattr(frozen.family, "check_resolution"):
-        return frozen.family.check_resolution(frozen, resolution)
-    levels = len(frozen.unet.config.down_block_types) - 1
-    step = frozen.vae_scale_factor * 2 ** levels
-    if resolution % step:
-        raise FamilyError(f"resolution {resolution} does not fit {frozen.pretrained}: it must be a multiple of {step} "
-                          f"(VAE factor {frozen.vae_scale_factor} x 2^{levels} UNet levels)")
-
-
-def check_controlnet(frozen: Frozen, controlnet, where: str) -> None:
-    """A ControlNet made for another family (or another base size) fails here, named."""
-    if hasattr(frozen.family, "check_controlnet"):
-        return frozen.family.check_controlnet(frozen, controlnet, where)
-    if type(controlnet).__name__ != "ControlNetModel":
-        raise FamilyError(f"{where}: this ControlNet was made for another kind of base model "
-                          f"({type(controlnet).__name__}; the base {frozen.pretrained} is {frozen.family.NAME})")
-    unet, net = frozen.unet.config, controlnet.config
-    for key in ("cross_attention_dim", "addition_embed_type", "in_channels"):
-        if net.get(key) != unet.get(key):
-            raise FamilyError(f"{where}: this ControlNet was made for another kind of base model ({key} is "
-                              f"{net.get(key)!r}, the base {frozen.pretrained} has {unet.get(key)!r})")
-    factor = 2 ** (len(net.conditioning_embedding_out_channels) - 1)
-    if factor != frozen.vae_scale_factor:
-        raise FamilyError(f"{where}: its condition encoder shrinks images by {factor}, but the base's VAE by "
-                          f"{frozen.vae_scale_factor}: this ControlNet was trained for another base model")
+def cast(added: dict | None, dtype: torch.dtype) -> dict | None:
+    """Added conditioning (a dict of tensors, or None) in `dtype`."""
+    return None if added is None else {k: v.to(dtype) for k, v in added.items()}
 
 
 def initialise(layers, init: str) -> None:
@@ -132,7 +117,7 @@ def initialise(layers, init: str) -> None:
         raise FamilyError(f"controlnet init must be 'zero' or 'random', got {init!r}")
 
 
-def load_frozen(family, pretrained: str, dtype: torch.dtype, example: str, tokenizers: list, text_encoders: list,
+def load_frozen(family: Family, pretrained: str, dtype: torch.dtype, tokenizers: list, text_encoders: list,
                 denoiser: tuple, scheduler) -> Frozen:
     """A base's parts, each `(class, subfolder)` (the scheduler a class, from `scheduler/`),
     loaded, frozen, in eval mode; text encoders and VAE cast to `dtype`. A part that cannot
@@ -146,7 +131,7 @@ def load_frozen(family, pretrained: str, dtype: torch.dtype, example: str, token
         net = denoiser[0].from_pretrained(pretrained, subfolder=denoiser[1])
         noise_scheduler = scheduler.from_pretrained(pretrained, subfolder="scheduler")
     except (OSError, ValueError) as exc:
-        raise load_error(pretrained, exc, example) from None
+        raise load_error(pretrained, exc, family.EXAMPLE) from None
     for module in (*encoders, vae, net):
         module.requires_grad_(False)
         module.eval()

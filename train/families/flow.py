@@ -1,10 +1,15 @@
 """Flow matching, shared by the rectified-flow families (SD3, Flux), as diffusers' SD3 and
 Flux ControlNet scripts train: timesteps drawn from a logit-normal density, noisy =
-(1 - s) x + s noise, target noise - x, SD3's loss weighting."""
+(1 - s) x + s noise, target noise - x, SD3's loss weighting. `Flow` is what those families
+share: they sample through their diffusers pipelines, and reject UNet-only settings."""
 
 from __future__ import annotations
 
 import torch
+
+from . import Family, FamilyError, Frozen, Noised
+
+MAX_SEQUENCE_LENGTH = 77  # T5 tokens, as diffusers' SD3 and Flux ControlNet training scripts
 
 
 def noisy_latents(scheduler, latents: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -28,19 +33,41 @@ def loss(prediction: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor, s
     return (weighting.float() * (prediction.float() - target) ** 2).reshape(latents.shape[0], -1).mean(1).mean()
 
 
-def sampling_scheduler(frozen):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(frozen.scheduler.config)
-
-
 #: trainer settings that only make sense with a UNet
 UNET_ONLY = ("unlock_decoder", "only_mid_control")
 
 
-def check_unet_only(cfg, family: str) -> None:
-    from . import FamilyError
+class Flow(Family):
+    """The rectified-flow families: a transformer denoiser, flow-matching noise, sampling
+    through the family's diffusers pipeline (the control in both CFG branches)."""
 
-    for name in UNET_ONLY:
-        if getattr(cfg, name, False):
-            raise FamilyError(f"--{name.replace('_', '-')} applies to UNet bases (SD, SDXL), not {family}")
+    CONTROL_IMAGE_ARG = "control_image"
+    EXTRA_PIPELINE_ARGS = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
+    SAMPLES_THROUGH_PIPELINE = True
+
+    def check_settings(self, frozen: Frozen, cfg) -> None:
+        for name in UNET_ONLY:
+            if getattr(cfg, name, False):
+                raise FamilyError(f"--{name.replace('_', '-')} applies to UNet bases (SD, SDXL), not {self.TITLE}")
+
+    def check_controlnet(self, frozen: Frozen, controlnet, where: str) -> None:
+        """Of this family's class, and made for a base of the same shape (the config keys
+        `CONTROLNET_KEYS` agree with the transformer's)."""
+        if type(controlnet).__name__ != self.controlnet_class().__name__:
+            raise FamilyError(f"{where}: this ControlNet was made for another kind of base model "
+                              f"({type(controlnet).__name__}; the base {frozen.pretrained} is {self.TITLE})")
+        for key in self.CONTROLNET_KEYS:
+            if controlnet.config.get(key) != frozen.denoiser.config.get(key):
+                raise FamilyError(f"{where}: this ControlNet was made for another {self.TITLE} base ({key} "
+                                  f"{controlnet.config.get(key)!r} vs {frozen.denoiser.config.get(key)!r})")
+
+    #: ControlNet config keys that must equal the base transformer's
+    CONTROLNET_KEYS: tuple[str, ...] = ()
+
+    def noisy_latents(self, frozen: Frozen, latents: torch.Tensor, cfg, device) -> Noised:
+        return Noised(*noisy_latents(frozen.scheduler, latents, device))
+
+    def sampling_scheduler(self, frozen: Frozen):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(frozen.scheduler.config)

@@ -1,40 +1,136 @@
-"""SD 1.x / 2.x (epsilon or v-prediction): one CLIP text encoder, no added conditioning."""
+"""SD 1.x / 2.x (epsilon or v-prediction): one CLIP text encoder, no added conditioning, a
+UNet trained with DDPM noise. The paper's method: the ControlNet is a trainable copy of the
+UNet encoder (`ControlNetModel.from_unet`) joined by zero convolutions, the loss the
+noise-prediction (or velocity) MSE. SDXL builds on this family."""
 
 from __future__ import annotations
 
-import sys
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from . import Frozen, load_frozen
-
-NAME = "sd"
-PIPELINE = "StableDiffusionControlNetPipeline"
+from . import Family, FamilyError, Frozen, Noised, cast, initialise, load_frozen
 
 
-def load(pretrained: str, dtype: torch.dtype) -> Frozen:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    return load_frozen(sys.modules[__name__], pretrained, dtype, "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                       [(CLIPTokenizer, "tokenizer")], [(CLIPTextModel, "text_encoder")],
-                       (UNet2DConditionModel, "unet"), DDPMScheduler)
-
-
-def conditioning(frozen: Frozen, prompts: list[str], device, sizes: Any = None,
-                 target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict | None]:
-    """Text hidden states for the cross-attention; SD has no added conditioning."""
-    tokenizer, text_encoder = frozen.tokenizers[0], frozen.text_encoders[0]
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids, return_dict=False)[0], None
+def sample_timesteps(how: str, batch: int, total: int, device) -> torch.Tensor:
+    """`uniform` as the paper; `cubic` as T2I-Adapter: t = (1 - u^3) T puts most samples at
+    high noise, where the layout is decided and the condition carries the most information."""
+    if how == "cubic":
+        u = torch.rand(batch, device=device)
+        return ((1 - u ** 3) * total).long().clamp(0, total - 1)
+    return torch.randint(0, total, (batch,), device=device).long()
 
 
-def pipeline(frozen: Frozen, unet, controlnet, scheduler):
-    from diffusers import StableDiffusionControlNetPipeline
+class SD(Family):
+    NAME = "sd"
+    TITLE = "SD 1.x/2.x"
+    PIPELINE = "StableDiffusionControlNetPipeline"
+    BASE_PIPELINE = "StableDiffusionPipeline"
+    CONTROL_IMAGE_ARG = "image"
+    EXTRA_PIPELINE_ARGS: dict = {}
+    EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    SAMPLES_THROUGH_PIPELINE = False
 
-    return StableDiffusionControlNetPipeline(
-        vae=frozen.vae, text_encoder=frozen.text_encoders[0], tokenizer=frozen.tokenizers[0], unet=unet,
-        controlnet=controlnet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+    def load(self, pretrained: str, dtype: torch.dtype) -> Frozen:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return load_frozen(self, pretrained, dtype, [(CLIPTokenizer, "tokenizer")], [(CLIPTextModel, "text_encoder")],
+                           (UNet2DConditionModel, "unet"), DDPMScheduler)
+
+    def check_settings(self, frozen: Frozen, cfg) -> None:
+        """Every training setting applies to a UNet base."""
+
+    def check_resolution(self, frozen: Frozen, resolution: int) -> None:
+        """The latent must halve evenly through every UNet level."""
+        levels = len(frozen.denoiser.config.down_block_types) - 1
+        step = frozen.vae_scale_factor * 2 ** levels
+        if resolution % step:
+            raise FamilyError(f"resolution {resolution} does not fit {frozen.pretrained}: it must be a multiple of "
+                              f"{step} (VAE factor {frozen.vae_scale_factor} x 2^{levels} UNet levels)")
+
+    def check_controlnet(self, frozen: Frozen, controlnet, where: str) -> None:
+        if type(controlnet).__name__ != "ControlNetModel":
+            raise FamilyError(f"{where}: this ControlNet was made for another kind of base model "
+                              f"({type(controlnet).__name__}; the base {frozen.pretrained} is {self.NAME})")
+        unet, net = frozen.denoiser.config, controlnet.config
+        for key in ("cross_attention_dim", "addition_embed_type", "in_channels"):
+            if net.get(key) != unet.get(key):
+                raise FamilyError(f"{where}: this ControlNet was made for another kind of base model ({key} is "
+                                  f"{net.get(key)!r}, the base {frozen.pretrained} has {unet.get(key)!r})")
+        factor = 2 ** (len(net.conditioning_embedding_out_channels) - 1)
+        if factor != frozen.vae_scale_factor:
+            raise FamilyError(f"{where}: its condition encoder shrinks images by {factor}, but the base's VAE by "
+                              f"{frozen.vae_scale_factor}: this ControlNet was trained for another base model")
+
+    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
+                     target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict | None]:
+        """Text hidden states for the cross-attention; SD has no added conditioning."""
+        tokenizer, text_encoder = frozen.tokenizers[0], frozen.text_encoders[0]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        return text_encoder(ids, return_dict=False)[0], None
+
+    def noisy_latents(self, frozen: Frozen, latents: torch.Tensor, cfg, device) -> Noised:
+        scheduler = frozen.scheduler
+        noise = torch.randn_like(latents)
+        timesteps = sample_timesteps(cfg.timestep_sampling, latents.shape[0], scheduler.config.num_train_timesteps,
+                                     device)
+        return Noised(scheduler.add_noise(latents, noise, timesteps), noise, timesteps)
+
+    def loss(self, batch, cfg, frozen: Frozen, denoiser, controlnet, dropout, device, dtype,
+             log=print) -> torch.Tensor:
+        vae, noise_scheduler = frozen.vae, frozen.scheduler
+        with torch.no_grad():
+            if "latents" in batch:  # cached at build time: mean x scaling factor
+                latents = batch["latents"].to(device).float()
+            else:
+                latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
+                latents = (latents * vae.config.scaling_factor).float()
+            hidden, added = self.conditioning(frozen, dropout(batch["text"]), device, batch.get("sizes"),
+                                              tuple(batch["pixel_values"].shape[-2:]))  # (h, w): buckets too
+        noisy, noise, timesteps, _ = self.noisy_latents(frozen, latents, cfg, device)
+        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden.float(),
+                               added_cond_kwargs=cast(added, torch.float32),
+                               controlnet_cond=batch["conditioning_pixel_values"].to(device), return_dict=False)
+        unet_dtype = next(denoiser.parameters()).dtype
+        prediction = denoiser(noisy.to(unet_dtype), timesteps, encoder_hidden_states=hidden.to(unet_dtype),
+                              added_cond_kwargs=cast(added, unet_dtype),
+                              down_block_additional_residuals=None if cfg.only_mid_control
+                              else [d.to(unet_dtype) for d in down],
+                              mid_block_additional_residual=mid.to(unet_dtype), return_dict=False)[0]
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+    def controlnet_class(self):
+        from diffusers import ControlNetModel
+
+        return ControlNetModel
+
+    def new_controlnet(self, frozen: Frozen, init: str):
+        """The trainable copy of the UNet encoder. Its condition encoder must shrink the
+        condition image by the VAE's factor (SD's is 8; a tiny base may use 4), so its stride-2
+        convolutions are cut to log2(factor). `init="random"` re-initialises the zero
+        convolutions (an ablation of the paper's design: noise reaches the UNet at step 0)."""
+        factor = frozen.vae_scale_factor
+        levels = int(round(math.log2(factor)))
+        if 2 ** levels != factor or levels < 1:
+            raise FamilyError(f"the VAE's downsampling factor {factor} is not a power of two >= 2")
+        channels = (16, 32, 96, 256, 256, 256)[:levels + 1]
+        net = self.controlnet_class().from_unet(frozen.denoiser, conditioning_embedding_out_channels=channels)
+        initialise((*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out), init)
+        return net
+
+    def sampling_scheduler(self, frozen: Frozen):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(frozen.scheduler.config)
+
+    def pipeline_parts(self, frozen: Frozen, denoiser, scheduler) -> dict:
+        return dict(vae=frozen.vae, text_encoder=frozen.text_encoders[0], tokenizer=frozen.tokenizers[0], unet=denoiser,
+                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -1,0 +1,146 @@
+"""The interface every model family implements in full: what the trainer, validation and
+`controlforge sample` ask of a base model, and nothing else. A family is a subclass of
+`Family` in its own module, named in FAMILIES (train/families/__init__.py); `missing`
+says what a family leaves out, and `detect` refuses such a family before any model loads.
+
+`sd.SD` holds the UNet (DDPM) path, which `sdxl.SDXL` builds on; `flow.Flow` the
+rectified-flow path shared by `sd3.SD3` and `flux.Flux`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import torch
+
+    from . import Frozen
+
+
+class Noised(NamedTuple):
+    """A training step's noisy input: `sigmas` (shaped to broadcast over the latents) for
+    flow-matching families, None for DDPM ones."""
+
+    noisy: Any
+    noise: Any
+    timesteps: Any
+    sigmas: Any = None
+
+
+class Family(abc.ABC):
+    """One kind of base model. Subclasses set every attribute below and implement every
+    abstract method; a family's methods take the loaded `Frozen` parts, never keep state."""
+
+    #: short name, shown in logs and errors ("sd", "sdxl", ...)
+    NAME: str
+    #: how errors name the family ("SD 1.x/2.x", "SD3", ...)
+    TITLE: str
+    #: the diffusers ControlNet pipeline class this family samples (and validates) with
+    PIPELINE: str
+    #: the diffusers pipeline class of the base alone (no ControlNet)
+    BASE_PIPELINE: str
+    #: the keyword of that pipeline's condition image
+    CONTROL_IMAGE_ARG: str
+    #: further keywords that pipeline is called with
+    EXTRA_PIPELINE_ARGS: dict
+    #: a hub id of such a base, for the "download it elsewhere" message
+    EXAMPLE: str
+    #: True: `controlforge sample` draws through `pipeline`/`base_pipeline` (control in both
+    #: CFG branches only); False: through train/sampler.py with its guidance modes
+    SAMPLES_THROUGH_PIPELINE: bool
+
+    # -- loading and checks --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def load(self, pretrained: str, dtype: torch.dtype) -> Frozen:
+        """The base's frozen parts (see `families.load_frozen`), with `family` = self."""
+
+    @abc.abstractmethod
+    def check_settings(self, frozen: Frozen, cfg) -> None:
+        """Raise FamilyError for a training setting (TrainConfig) this family cannot use."""
+
+    @abc.abstractmethod
+    def check_resolution(self, frozen: Frozen, resolution: int) -> None:
+        """Raise FamilyError when images of this size do not fit the denoiser."""
+
+    @abc.abstractmethod
+    def check_controlnet(self, frozen: Frozen, controlnet, where: str) -> None:
+        """Raise FamilyError (naming `where`) for a ControlNet made for another base."""
+
+    # -- training ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
+                     target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict | None]:
+        """Prompts -> (text hidden states, added conditioning or None). `sizes`: the batch's
+        recorded original sizes and crops (SDXL); `target`: the (h, w) being made."""
+
+    @abc.abstractmethod
+    def noisy_latents(self, frozen: Frozen, latents: torch.Tensor, cfg, device) -> Noised:
+        """The noise, timesteps and noisy latents of one training step."""
+
+    @abc.abstractmethod
+    def loss(self, batch, cfg, frozen: Frozen, denoiser, controlnet, dropout, device, dtype,
+             log=print) -> torch.Tensor:
+        """One step's loss on `batch`; `dropout` empties prompts, `log` says things once."""
+
+    @abc.abstractmethod
+    def controlnet_class(self):
+        """The diffusers class of this family's ControlNets."""
+
+    @abc.abstractmethod
+    def new_controlnet(self, frozen: Frozen, init: str):
+        """A fresh ControlNet copied from the base's denoiser; `init` as `families.initialise`."""
+
+    def load_controlnet(self, path: str):
+        """A saved ControlNet (folder or hub id) of this family's class."""
+        from . import FamilyError
+
+        try:
+            return self.controlnet_class().from_pretrained(path)
+        except (OSError, ValueError, TypeError) as exc:
+            raise FamilyError(f"cannot load {path!r} as a ControlNet for this {self.TITLE} base (made for another "
+                              f"kind of base model?): {type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def make_controlnet(self, frozen: Frozen, controlnet: str | None, init: str):
+        """The ControlNet a run trains: the saved one at `controlnet`, else a new one."""
+        return self.load_controlnet(controlnet) if controlnet else self.new_controlnet(frozen, init)
+
+    # -- validation and sampling ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def sampling_scheduler(self, frozen: Frozen):
+        """The inference scheduler, made from the training scheduler's config (no reload)."""
+
+    @abc.abstractmethod
+    def pipeline_parts(self, frozen: Frozen, denoiser, scheduler) -> dict:
+        """The keyword arguments both diffusers pipelines take but the ControlNet."""
+
+    def pipeline(self, frozen: Frozen, denoiser, controlnet, scheduler):
+        """The family's diffusers ControlNet pipeline (PIPELINE) around these models."""
+        import diffusers
+
+        return getattr(diffusers, self.PIPELINE)(controlnet=controlnet,
+                                                 **self.pipeline_parts(frozen, denoiser, scheduler))
+
+    def base_pipeline(self, frozen: Frozen):
+        """The base's own diffusers pipeline (BASE_PIPELINE), without a ControlNet, made once
+        and kept on `frozen`: prompts are encoded with it (flow families), and the base alone
+        samples through it."""
+        if frozen.base_pipe is None:
+            import diffusers
+
+            frozen.base_pipe = getattr(diffusers, self.BASE_PIPELINE)(
+                **self.pipeline_parts(frozen, frozen.denoiser, self.sampling_scheduler(frozen)))
+        return frozen.base_pipe
+
+
+def missing(family) -> list[str]:
+    """What `family` (a class or an instance) leaves out of the interface: attributes it
+    does not set and methods still abstract. Empty for a complete family."""
+    cls = family if isinstance(family, type) else type(family)
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        return [f"not a subclass of {Family.__module__}.Family"]
+    unset = [name for name in Family.__annotations__ if not hasattr(cls, name)]
+    return unset + sorted(getattr(cls, "__abstractmethods__", ()))
