@@ -18,6 +18,7 @@ class DepthModel(DetectorAnnotator):
 
     name = "depth"
     mode = "L"
+    batch_size = 8
 
     def __init__(self, method: str = "midas", weights: str | None = None, **common):
         if method not in ("midas", "transformers"):
@@ -27,6 +28,7 @@ class DepthModel(DetectorAnnotator):
         super().__init__(method=method, weights=weights, **common)
         self.method = method
         self.processor = None
+        self.net_path = "model" if method == "midas" else ""  # MiDaSInference on MidasDetector; the HF model
 
     def required_files(self):
         return ("dpt_hybrid-midas-501f0c75.pt",) if self.method == "midas" else ()
@@ -49,6 +51,7 @@ class DepthModel(DetectorAnnotator):
             self.processor = from_pretrained(AutoImageProcessor, self.weights, self.name)
             self.device = torch_device(self.device)
             self.model = from_pretrained(AutoModelForDepthEstimation, self.weights, self.name).to(self.device).eval()
+            self.cast()
 
     def load(self, folder):
         from controlnet_aux import MidasDetector
@@ -56,22 +59,41 @@ class DepthModel(DetectorAnnotator):
         return MidasDetector.from_pretrained(str(folder))
 
     def depth(self, image: np.ndarray) -> np.ndarray:
-        import cv2
         import torch
 
         self.setup()
-        height, width = image.shape[:2]
         with torch.inference_mode():
-            if self.method == "midas":
-                from controlnet_aux.util import resize_image
+            out = self.forward(self.prepare(image).to(self.device, self.torch_dtype()))[0].float().cpu().numpy()
+        return _fitted(out, image)
 
-                small = resize_image(image, self.detect_resolution)
-                x = torch.from_numpy(small.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].to(self.device)
-                out = self.model.model(x)[0].float().cpu().numpy()
-            else:
-                inputs = self.processor(images=image, return_tensors="pt").to(self.device)
-                out = self.model(**inputs).predicted_depth[0].float().cpu().numpy()
-        return cv2.resize(out.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    def single(self, image, rng):
+        return self.depth(image), {}
+
+    def prepare(self, image):
+        """The network's input: MiDaS in [-1, 1] at the detect size, or the HF processor's pixels."""
+        import torch
+
+        if self.method == "midas":
+            from controlnet_aux.util import resize_image
+
+            small = resize_image(image, self.detect_resolution)
+            return torch.from_numpy(small.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        return self.processor(images=image, return_tensors="pt")["pixel_values"]
+
+    def forward(self, batch):
+        if self.method == "midas":
+            return self.network()(batch)
+        return self.model(pixel_values=batch).predicted_depth
+
+    def finish(self, output, image, prepared, rng):
+        """As `depth` after its network call (no replay: the call is ours, not controlnet-aux's)."""
+        return _fitted(output[0].numpy(), image), {}
+
+
+def _fitted(depth: np.ndarray, image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(depth.astype(np.float32), image.shape[1::-1], interpolation=cv2.INTER_CUBIC)
 
 
 def normalise(depth: np.ndarray, bits: int = 8) -> np.ndarray:
@@ -93,5 +115,8 @@ class Depth(DepthModel):
         self.bits = bits
         self.dtype = np.uint16 if bits == 16 else np.uint8
 
-    def __call__(self, image, rng):
+    def single(self, image, rng):
         return normalise(self.depth(image), self.bits), {}
+
+    def finish(self, output, image, prepared, rng):
+        return normalise(super().finish(output, image, prepared, rng)[0], self.bits), {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import AnnotatorError, register
-from .detector import DetectorAnnotator, fit
+from .detector import DetectorAnnotator, aux_resized, aux_tensor, fit
 
 FILES = {"hed": ("ControlNetHED.pth",), "pidinet": ("table5_pidinet.pth",)}
 
@@ -14,6 +14,8 @@ FILES = {"hed": ("ControlNetHED.pth",), "pidinet": ("table5_pidinet.pth",)}
 class HED(DetectorAnnotator):
     name = "hed"
     mode = "L"
+    batch_size = 16
+    net_path = "netNetwork"  # HEDdetector and PidiNetDetector alike
 
     def __init__(self, method: str = "hed", safe: bool = False, **common):
         if method not in FILES:
@@ -32,5 +34,19 @@ class HED(DetectorAnnotator):
     def soft_edges(self, image: np.ndarray) -> np.ndarray:
         return fit(self.run(image, safe=self.safe), image, "L")
 
-    def __call__(self, image, rng):
+    def single(self, image, rng):
         return self.soft_edges(image), {}
+
+    def prepare(self, image):
+        small = aux_resized(image, self.detect_resolution)
+        if self.method == "hed":
+            return aux_tensor(small.copy())
+        return aux_tensor(small[:, :, ::-1].copy()) / 255.0  # PiDiNet: BGR in [0, 1]
+
+    @property
+    def autocast(self):  # PiDiNet builds fp32 kernels inside its forward: weights stay fp32
+        return self.method == "pidinet"
+
+    @property
+    def half_safe(self):  # HED takes raw 0-255 pixels: fp16's range is not known to hold with real weights
+        return self.method != "hed"

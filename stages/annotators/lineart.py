@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from .base import register
-from .detector import DetectorAnnotator, fit
+import cv2
+import numpy as np
+
+from .detector import DetectorAnnotator, aux_resized, aux_tensor, fit
 
 
 @register
@@ -11,18 +14,23 @@ class Lineart(DetectorAnnotator):
     name = "lineart"
     mode = "L"
     files = ("sk_model.pth", "sk_model2.pth")
+    batch_size = 16
 
     def __init__(self, coarse: bool = False, **common):
         super().__init__(coarse=coarse, **common)
         self.coarse = coarse
+        self.net_path = "model_coarse" if coarse else "model"
 
     def load(self, folder):
         from controlnet_aux import LineartDetector
 
         return LineartDetector.from_pretrained(str(folder))
 
-    def __call__(self, image, rng):
+    def single(self, image, rng):
         return fit(self.run(image, coarse=self.coarse), image, self.mode), {}
+
+    def prepare(self, image):
+        return aux_tensor(aux_resized(image, self.detect_resolution)) / 255.0
 
 
 @register
@@ -30,11 +38,19 @@ class LineartAnime(DetectorAnnotator):
     name = "lineart_anime"
     mode = "L"
     files = ("netG.pth",)
+    batch_size = 16
+    net_path = "model"
 
     def load(self, folder):
         from controlnet_aux import LineartAnimeDetector
 
         return LineartAnimeDetector.from_pretrained(str(folder))
 
-    def __call__(self, image, rng):
+    def single(self, image, rng):
         return fit(self.run(image), image, self.mode), {}
+
+    def prepare(self, image):
+        """controlnet-aux's lineart_anime: the detect-size image, cubic-resized up to multiples of 256, in [-1, 1]."""
+        small = aux_resized(image, self.detect_resolution)
+        height, width = (256 * int(np.ceil(float(n) / 256.0)) for n in small.shape[:2])
+        return aux_tensor(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)) / 127.5 - 1.0

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from .base import AnnotatorError, register
-from .detector import DetectorAnnotator, fit
+from .detector import DetectorAnnotator, aux_resized, fit
 
 
 def hough_lines(image: np.ndarray, threshold: int = 80, min_line_length: int = 30, max_line_gap: int = 10) -> tuple[np.ndarray, int]:
@@ -26,6 +26,8 @@ class MLSD(DetectorAnnotator):
     name = "mlsd"
     mode = "L"
     files = ("mlsd_large_512_fp32.pth",)
+    batch_size = 32
+    net_path = "model"
 
     def __init__(self, method: str = "mlsd", score_threshold: float = 0.1, distance_threshold: float = 0.1,
                  hough_threshold: int = 80, min_line_length: int = 30, max_line_gap: int = 10, **common):
@@ -44,9 +46,25 @@ class MLSD(DetectorAnnotator):
 
         return MLSDdetector.from_pretrained(str(folder))
 
-    def __call__(self, image, rng):
+    def single(self, image, rng):
         if self.method == "hough":
             lines, count = hough_lines(image, *self.hough)
             return lines, {"lines": count}
         out = self.run(image, thr_v=self.params["score_threshold"], thr_d=self.params["distance_threshold"])
         return fit(out, image, self.mode), {}
+
+    def annotate_batch(self, images, rngs):
+        if self.method == "hough":
+            return [self.single(image, rng) for image, rng in zip(images, rngs)]
+        return super().annotate_batch(images, rngs)
+
+    def prepare(self, image):
+        """controlnet-aux's mlsd pred_lines: RGB + a ones channel at the detect size, in [-1, 1]."""
+        import torch
+
+        small = aux_resized(image, self.detect_resolution)
+        height, width = small.shape[:2]
+        stacked = np.concatenate([cv2.resize(small, (width, height), interpolation=cv2.INTER_AREA),
+                                  np.ones([height, width, 1])], axis=-1)
+        batch = np.expand_dims(stacked.transpose((2, 0, 1)), axis=0).astype("float32")
+        return torch.from_numpy((batch / 127.5) - 1.0).float()

@@ -9,7 +9,7 @@ import numpy as np
 
 from .base import AnnotatorError, register
 from .depth import DepthModel
-from .detector import DetectorAnnotator, fit
+from .detector import DetectorAnnotator, aux_resized, aux_tensor, fit
 
 
 def normal_from_depth(depth: np.ndarray, bg_threshold: float = 0.1, strength: float = np.pi * 2.0) -> np.ndarray:
@@ -31,6 +31,8 @@ def normal_from_depth(depth: np.ndarray, bg_threshold: float = 0.1, strength: fl
 class Normal(DetectorAnnotator):
     name = "normal"
     mode = "RGB"
+    batch_size = 8
+    net_path = "model"
 
     def __init__(self, method: str = "bae", bg_threshold: float = 0.1, depth: dict | None = None, **common):
         if method not in ("bae", "from_depth"):
@@ -56,12 +58,30 @@ class Normal(DetectorAnnotator):
         else:
             super().setup()
 
+    def set_precision(self, precision):
+        if self.method == "from_depth":
+            self.depth_model.set_precision(precision)
+        super().set_precision(precision)
+
+    def resolved_precision(self):
+        return self.depth_model.resolved_precision() if self.method == "from_depth" else super().resolved_precision()
+
     def load(self, folder):
         from controlnet_aux import NormalBaeDetector
 
         return NormalBaeDetector.from_pretrained(str(folder))
 
-    def __call__(self, image, rng):
+    def single(self, image, rng):
         if self.method == "from_depth":
             return normal_from_depth(self.depth_model.depth(image), self.bg_threshold), {}
         return fit(self.run(image), image, self.mode), {}
+
+    def annotate_batch(self, images, rngs):
+        if self.method == "from_depth":
+            depths = self.depth_model.annotate_batch(images, rngs)
+            return [(normal_from_depth(depth, self.bg_threshold), {}) for depth, _ in depths]
+        return super().annotate_batch(images, rngs)
+
+    def prepare(self, image):
+        """NormalBaeDetector's input: [0, 1] RGB at the detect size, ImageNet-normalised by its own transform."""
+        return self.model.norm(aux_tensor(aux_resized(image, self.detect_resolution)) / 255.0)

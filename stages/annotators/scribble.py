@@ -51,8 +51,11 @@ def synthesize_scribble(soft: np.ndarray, rng: np.random.Generator, sigma=(1.5, 
 
 @register
 class Scribble(DetectorAnnotator):
+    """Soft edges from `HED` (batched there), then strokes drawn per image from its own rng."""
+
     name = "scribble"
     mode = "L"
+    batch_size = HED.batch_size
 
     def __init__(self, method: str = "hed", sigma=(1.5, 3.5), threshold=(64, 160), mask_fraction=(0.0, 0.5),
                  thickness=(1, 3), **common):
@@ -75,5 +78,15 @@ class Scribble(DetectorAnnotator):
     def setup(self):
         self.edges.setup()
 
-    def __call__(self, image, rng):
+    def set_precision(self, precision):
+        self.edges.set_precision(precision)
+
+    def resolved_precision(self):
+        return self.edges.resolved_precision()
+
+    def single(self, image, rng):
         return synthesize_scribble(self.edges.soft_edges(image), rng, **self.ranges)
+
+    def annotate_batch(self, images, rngs):
+        soft = self.edges.annotate_batch(images, rngs)
+        return [synthesize_scribble(edges, rng, **self.ranges) for (edges, _), rng in zip(soft, rngs)]

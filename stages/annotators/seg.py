@@ -50,6 +50,7 @@ class Segmentation(DetectorAnnotator):
             self.processor = from_pretrained(AutoImageProcessor, self.weights, self.name)
             self.device = torch_device(self.device)
             self.model = from_pretrained(UperNetForSemanticSegmentation, self.weights, self.name).to(self.device).eval()
+            self.cast()
 
     def annotate_batch(self, images, rngs):
         """One forward pass for the batch: UperNet takes batches as they are."""
@@ -57,8 +58,11 @@ class Segmentation(DetectorAnnotator):
 
         self.setup()
         inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        if self.resolved_precision() != "fp32":
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.torch_dtype())
         with torch.inference_mode():
             outputs = self.model(**inputs)
+        outputs.logits = outputs.logits.float()  # post-processing in fp32 whatever the precision
         maps = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[im.shape[:2] for im in images])
         results = []
         for ids in maps:
