@@ -54,7 +54,7 @@ def package_versions() -> dict[str, str]:
 
 def _check_resumable(manifest: dict[str, Any], cfg: BuildConfig, listing) -> None:
     old = manifest.get("config", {})
-    differ = [k for k, v in cfg.content_signature().items() if old.get(k) != v]
+    differ = [k for k, v in cfg.content_signature().items() if old.get(k, BuildConfig.content_default(k)) != v]
     if differ:
         raise BuildError(f"{cfg.output} was built with a different config ({', '.join(differ)} changed); "
                          "use a new --output, or --overwrite to replace it")
@@ -138,12 +138,16 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     todo_any = first is not None
     if cfg.executor == "ray" and todo_any:
         init_ray(cfg.ray_address)
-    cluster_gpus = None
+    cluster_gpus, local_gpus = None, 0
     if cfg.executor == "ray":
         import ray
 
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
-    placement = place(cfg, listing.first, annotators, cluster_gpus)
+    elif any(a.uses_model for a in annotators.values()):
+        import torch
+
+        local_gpus = torch.cuda.device_count()
+    placement = place(cfg, listing.first, annotators, cluster_gpus, local_gpus)
     if placement.captioning and todo_any:
         preflight_caption_model(cfg.caption_model)
     if cfg.min_clip_score is not None and todo_any:
@@ -165,7 +169,7 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
             annotator.check_weights()  # a missing file fails here, named, before any work
     steps = make_steps(cfg, placement, annotators)
     results = (run_local(steps, todo) if cfg.executor == "local"
-               else run_ray_windows(steps, todo, cfg.num_cpus, placement.caption_actors))
+               else run_ray_windows(steps, todo, cfg.num_cpus))
 
     built = {"shards": 0, "samples": 0, "seconds": Counter()}  # the driver keeps totals, not the shards' stats
     for stats in results:  # each shard has written its own completion marker: O(1) here

@@ -24,6 +24,7 @@ CONTENT_FIELDS = (
     "samples_per_shard", "caption_model", "caption_prompt", "caption_max_tokens",
     "caption_beams", "keep_captions", "seed", "jpeg_quality", "annotator_params",
     "min_condition_coverage", "near_duplicates", "min_depth_std", "latents", "min_clip_score", "clip_model",
+    "annotator_dtype",
 )
 
 
@@ -80,6 +81,9 @@ class BuildConfig(BaseModel):
                                         "distance of an earlier kept one, across the build (near_duplicate)")
     annotator_num_gpus: float | None = Field(None, ge=0, description="GPU share of the network-annotator actor; "
                                              "None = 0.5 if the cluster has GPUs")
+    annotator_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="precision of the network annotators, BLIP and the CLIP gate: auto = fp16 on CUDA for "
+        "the networks that tolerate it, fp32 on a CPU; recorded in each sample's json")
     seed: int = Field(0, description="seed of the per-image random annotator parameters")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per shard task (read, decode, annotate, write)")
     executor: Literal["auto", "ray", "local"] = Field(
@@ -110,6 +114,11 @@ class BuildConfig(BaseModel):
     @property
     def captioning(self) -> bool:
         return self.caption_model.lower() != "none"
+
+    @classmethod
+    def content_default(cls, name: str) -> Any:
+        """What a manifest written before `name` existed meant by leaving it out."""
+        return cls.model_fields[name].get_default(call_default_factory=True)
 
     def content_signature(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in CONTENT_FIELDS}

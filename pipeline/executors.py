@@ -62,8 +62,7 @@ class _ActorStep:
         return {"index": batch["index"], "payload": payloads}
 
 
-def run_ray(steps: list[Step], works: list[ShardWork], num_cpus: float = 1.0,
-            actor_concurrency: int = 1) -> Iterator[dict[str, Any]]:
+def run_ray(steps: list[Step], works: list[ShardWork], num_cpus: float = 1.0) -> Iterator[dict[str, Any]]:
     import ray.data
 
     if not works:
@@ -82,7 +81,7 @@ def run_ray(steps: list[Step], works: list[ShardWork], num_cpus: float = 1.0,
             step = group[0]
             ds = ds.map_batches(_ActorStep, fn_constructor_args=(step,), batch_size=1, batch_format="numpy",
                                 num_gpus=step.num_gpus or None, num_cpus=None if step.num_gpus else num_cpus,
-                                compute=ray.data.ActorPoolStrategy(size=actor_concurrency))
+                                compute=ray.data.ActorPoolStrategy(size=step.concurrency))
         else:
             ds = ds.map(_run_pickled, fn_kwargs={"steps": group}, num_cpus=num_cpus)
     for row in ds.iter_rows():
@@ -90,7 +89,7 @@ def run_ray(steps: list[Step], works: list[ShardWork], num_cpus: float = 1.0,
 
 
 def run_ray_windows(steps: list[Step], works: Iterable[ShardWork], num_cpus: float = 1.0,
-                    actor_concurrency: int = 1, window: int | None = None) -> Iterator[dict[str, Any]]:
+                    window: int | None = None) -> Iterator[dict[str, Any]]:
     """run_ray over a stream of shards, a window at a time (a few per CPU of the cluster),
     so a list of any length is never held whole: the driver holds one window's inputs."""
     import itertools
@@ -103,4 +102,4 @@ def run_ray_windows(steps: list[Step], works: Iterable[ShardWork], num_cpus: flo
         chunk = list(itertools.islice(works, window))
         if not chunk:
             return
-        yield from run_ray(steps, chunk, num_cpus, actor_concurrency)
+        yield from run_ray(steps, chunk, num_cpus)

@@ -31,14 +31,17 @@ class Placement:
     caption_gpus: float = 0.0  # GPUs per captioner actor
     caption_actors: int = 1
     annotator_gpus: float = 0.0  # GPU share of the actor holding the network annotators (0: in the CPU tasks)
+    annotator_actors: int = 1  # actors holding the network annotators (and the GPU model gates)
 
 
 def place(cfg: BuildConfig, refs: list[InputRef], annotators: dict[str, Annotator],
-          cluster_gpus: float | None = None) -> Placement:
+          cluster_gpus: float | None = None, local_gpus: int = 0) -> Placement:
     """The one placement decision of a build. `cluster_gpus`: the Ray cluster's GPUs, None
-    for the local executor (one process: the network annotators stay in it). The captioner
-    is skipped when every input already has a caption that is kept; by default it gets a
-    GPU per actor and an actor per GPU, and the network annotators share half a GPU."""
+    for the local executor, where `local_gpus` (this machine's CUDA devices) decides: with
+    one, the network annotators run batched on it, else one image at a time on the CPU.
+    The captioner is skipped when every input already has a caption that is kept; by
+    default it gets a GPU per actor and an actor per GPU, and the network annotators share
+    half a GPU."""
     gpus = cluster_gpus or 0.0
     captioning = cfg.captioning and not (cfg.keep_captions and all(r.kind == "file" and r.caption is not None
                                                                    for r in refs))
@@ -49,7 +52,10 @@ def place(cfg: BuildConfig, refs: list[InputRef], annotators: dict[str, Annotato
     annotator_gpus = 0.0
     if cluster_gpus is not None and any(a.uses_model for a in annotators.values()):
         annotator_gpus = cfg.annotator_num_gpus if cfg.annotator_num_gpus is not None else (0.5 if gpus >= 1 else 0.0)
-    return Placement(captioning, caption_gpus, caption_actors, annotator_gpus)
+    elif local_gpus and any(a.uses_model for a in annotators.values()):
+        annotator_gpus = 1.0
+    annotator_actors = max(1, int(gpus // annotator_gpus)) if cluster_gpus and annotator_gpus > 0 else 1
+    return Placement(captioning, caption_gpus, caption_actors, annotator_gpus, annotator_actors)
 
 
 def read_settings(cfg: BuildConfig) -> ReadSettings:
@@ -69,13 +75,17 @@ def make_steps(cfg: BuildConfig, placement: Placement = Placement(),
     (made here from the config when not given)."""
     if annotators is None:
         annotators = create_annotators(cfg.conditions, cfg.annotator_params)
+    for annotator in annotators.values():
+        if annotator.uses_model:
+            annotator.set_precision(cfg.annotator_dtype)
     model_gpus = placement.annotator_gpus or placement.caption_gpus
     steps: list[Step] = [ReadDecode(read_settings(cfg))]
     if placement.captioning:
         steps.append(Caption(CaptionSettings(cfg.caption_model, cfg.caption_prompt, cfg.caption_max_tokens,
-                                             cfg.caption_beams, cfg.caption_batch_size), placement.caption_gpus))
+                                             cfg.caption_beams, cfg.caption_batch_size, cfg.annotator_dtype),
+                             placement.caption_gpus))
     if cfg.min_clip_score is not None:
-        steps.append(ClipGate(ClipGateSettings(cfg.clip_model, cfg.min_clip_score), model_gpus))
+        steps.append(ClipGate(ClipGateSettings(cfg.clip_model, cfg.min_clip_score, cfg.annotator_dtype), model_gpus))
     if cfg.latents:
         steps.append(EncodeLatents(cfg.latents, model_gpus))
     on_gpu = {n: a for n, a in annotators.items() if a.uses_model} if placement.annotator_gpus else {}
@@ -84,4 +94,8 @@ def make_steps(cfg: BuildConfig, placement: Placement = Placement(),
     steps.append(AnnotateAndWrite(WriteSettings(cfg.output, cfg.seed, tuple(cfg.conditions)),
                                   Annotation(on_cpu, gates) if on_cpu else None,
                                   Annotation(on_gpu, gates, placement.annotator_gpus) if on_gpu else None))
+    gate_actors = placement.annotator_actors if placement.annotator_gpus else placement.caption_actors
+    for step in steps:  # one pool per actor step: an actor per GPU share it asks for
+        step.concurrency = (placement.caption_actors if isinstance(step, Caption) else
+                            placement.annotator_actors if isinstance(step, AnnotateAndWrite) else gate_actors)
     return steps

@@ -37,6 +37,7 @@ class Sample:
     latents: bytes | None = None  # KEY.latents.npy (build --latents)
     bucket: tuple[int, int] | None = None  # (width, height) aspect bucket, keep_ratio builds
     latents_info: dict[str, Any] | None = None
+    caption_precision: str | None = None  # the precision BLIP ran in, when it made the caption
 
 
 @dataclass

@@ -92,7 +92,7 @@ def test_flat_depth_maps_are_rejected_and_varied_ones_kept():
     from stages.steps import Annotation, AnnotationSettings
 
     step = Annotation({}, AnnotationSettings(min_depth_std=3.0))
-    describe = type("A", (), {"mode": "L", "dtype": np.uint8, "describe": lambda self, used: used})()
+    describe = type("A", (), {"mode": "L", "dtype": np.uint8, "uses_model": False, "describe": lambda self, used: used})()
     image = np.zeros((16, 16, 3), np.uint8)
     work = ShardWork(0, [])
     flat, varied = np.full((16, 16), 128, np.uint8), np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1))

@@ -123,7 +123,8 @@ def test_gpu_writer_spools_each_chunk_before_annotating_the_next(tmp_path, monke
 
     write_synthetic(tmp_path / "in", 20, size=(96, 80))
     cfg = BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "out"), conditions=["canny", "mlsd"],
-                      resolution=64, min_size=64, caption_model="none", annotator_params={"mlsd": {"method": "hough"}})
+                      resolution=64, min_size=64, caption_model="none",
+                      annotator_params={"mlsd": {"method": "hough", "batch_size": 8}})
     read, write = make_steps(cfg, Placement(annotator_gpus=0.5))
     assert write.actor and list(write.gpu.annotators) == ["mlsd"] and write.gpu.chunk_size == 8
     events = []

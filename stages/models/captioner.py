@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .precision import resolve, torch_dtype
+
 
 class CaptionModelError(RuntimeError):
     """The caption model cannot be loaded; the message says how to fix it."""
@@ -28,8 +30,10 @@ class BlipCaptioner:
     """Loads lazily: a build whose inputs all carry captions never loads BLIP."""
 
     def __init__(self, model: str, device: str | None = None, prompt: str = "", max_new_tokens: int = 40,
-                 num_beams: int = 3, batch_size: int = 16):
+                 num_beams: int = 3, batch_size: int = 16, precision: str = "auto"):
+        resolve(precision, "cpu")  # an unknown name fails here, not in a worker
         self.model_name = model
+        self.precision = precision
         self.device = device
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
@@ -45,7 +49,8 @@ class BlipCaptioner:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.resolved_precision = resolve(self.precision, device)
+        dtype = torch_dtype(self.resolved_precision)
         try:
             self._processor = BlipProcessor.from_pretrained(self.model_name)
             model = BlipForConditionalGeneration.from_pretrained(self.model_name, dtype=dtype)

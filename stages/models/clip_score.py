@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .precision import resolve, torch_dtype
+
 
 class ClipScorer:
-    def __init__(self, model: str, device: str | None = None, batch_size: int = 32):
-        self.model_name, self.device, self.batch_size = model, device, batch_size
+    def __init__(self, model: str, device: str | None = None, batch_size: int = 32, precision: str = "fp32"):
+        resolve(precision, "cpu")  # an unknown name fails here, not in a worker
+        self.model_name, self.device, self.batch_size, self.precision = model, device, batch_size, precision
         self.model = self.processor = None
 
     def setup(self) -> None:
@@ -25,7 +28,8 @@ class ClipScorer:
             raise ValueError(f"CLIP model {self.model_name!r} cannot be loaded ({type(exc).__name__}: "
                              f"{str(exc)[:200]}); without hub access copy a CLIPModel folder here and pass it") from None
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device).eval()
+        self.resolved_precision = resolve(self.precision, self.device)
+        self.model = model.to(self.device, torch_dtype(self.resolved_precision)).eval()
 
     def __call__(self, images: Sequence, captions: list[str]) -> list[float]:
         import torch
@@ -37,7 +41,7 @@ class ClipScorer:
                                     images=list(images[start:start + self.batch_size]), return_tensors="pt",
                                     padding=True, truncation=True).to(self.device)
             with torch.no_grad():
-                image_emb = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+                image_emb = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.model.dtype))
                 text_emb = self.model.get_text_features(input_ids=inputs["input_ids"],
                                                         attention_mask=inputs.get("attention_mask"))
             image_emb = getattr(image_emb, "pooler_output", image_emb)

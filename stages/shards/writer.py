@@ -38,6 +38,8 @@ def sample_json(sample: Sample, build_seed: int) -> dict[str, Any]:
         "conditions": {name: sample.condition_info[name] for name in sorted(sample.conditions, key=condition_sort_key)},
         "seed": build_seed,
     })
+    if sample.caption_precision is not None:
+        meta["caption_precision"] = sample.caption_precision
     if sample.latents_info is not None:
         meta["latents"] = sample.latents_info
     if sample.bucket is not None:

@@ -14,7 +14,7 @@ import numpy as np
 from ..annotators import Annotator, sample_seed
 from ..transform.decode import Rejected, coverage, decode_rgb, encode_png
 from ..work import Sample, ShardWork
-from .base import error_text, timed
+from .base import batches_by_size, error_text, timed
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,10 @@ class Annotation:
         dropped: set[str] = set()
         for name, annotator in self.annotators.items():
             todo = [s for s in samples if name not in s.conditions and s.key not in dropped]
-            for start in range(0, len(todo), annotator.batch_size):
+            for batch in batches_by_size(todo, annotator.batch_size):
                 chunk, images = [], []
                 with timed(work, "decode"):
-                    for sample in todo[start:start + annotator.batch_size]:
+                    for sample in batch:
                         try:
                             images.append(decode_rgb(sample.jpg))
                             chunk.append(sample)
@@ -114,7 +114,9 @@ class Annotation:
                         f"{name}: {share:.4f} of its pixels are non-zero, below min_condition_coverage={floor:g}")
             return False
         sample.conditions[name] = png
-        sample.condition_info[name] = annotator.describe({**used, "seed": seed})
+        sample.condition_info[name] = info = annotator.describe({**used, "seed": seed})
+        if annotator.uses_model:  # the precision its network ran in: part of what made the map
+            info["precision"] = annotator.resolved_precision()
         sample.coverage[name] = share
         return True
 

@@ -6,7 +6,7 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-from ..work import ShardWork
+from ..work import Sample, ShardWork
 
 
 class Step:
@@ -16,6 +16,8 @@ class Step:
     name = "step"
     actor = False
     num_gpus = 0.0
+    #: actors in the step's pool (actor steps only; the plan sizes it from the GPUs)
+    concurrency = 1
 
     def __call__(self, work: ShardWork) -> Any:
         raise NotImplementedError
@@ -29,6 +31,15 @@ def timed(work: ShardWork, stage: str):
         yield
     finally:
         work.seconds[stage] = work.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def batches_by_size(samples: list[Sample], size: int) -> list[list[Sample]]:
+    """Batches of at most `size` samples, each of one image size (keep_ratio builds have
+    several; a network takes one tensor shape per call)."""
+    by_size: dict[tuple[int, int], list[Sample]] = {}
+    for sample in samples:
+        by_size.setdefault((sample.height, sample.width), []).append(sample)
+    return [group[i:i + size] for group in by_size.values() for i in range(0, len(group), size)]
 
 
 def error_text(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ class CaptionSettings:
     max_tokens: int = 40
     beams: int = 3
     batch_size: int = 16
+    precision: str = "auto"  # fp32 | fp16 | bf16 | auto (fp16 on CUDA)
 
 
 class Caption(Step):
@@ -30,7 +31,7 @@ class Caption(Step):
         self.settings = settings
         self.num_gpus = num_gpus
         self.captioner = BlipCaptioner(settings.model, "cuda" if num_gpus > 0 else None, settings.prompt,
-                                       settings.max_tokens, settings.beams, settings.batch_size)
+                                       settings.max_tokens, settings.beams, settings.batch_size, settings.precision)
 
     def __call__(self, work: ShardWork) -> ShardWork:
         todo = [s for s in work.samples if s.caption is None]
@@ -50,6 +51,7 @@ class Caption(Step):
                     continue
             for sample, caption in zip(chunk, captions):
                 sample.caption = caption
+                sample.caption_precision = self.captioner.resolved_precision
         if failed:
             work.samples = [s for s in work.samples if s.key not in failed]
         return work

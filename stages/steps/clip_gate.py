@@ -16,6 +16,7 @@ CHUNK = 16
 class ClipGateSettings:
     model: str
     min_score: float
+    precision: str = "fp32"
 
 
 class ClipGate(Step):
@@ -28,7 +29,7 @@ class ClipGate(Step):
         from ..models.clip_score import ClipScorer
 
         self.settings, self.num_gpus, self.actor = settings, num_gpus, num_gpus > 0
-        self.scorer = ClipScorer(settings.model, "cuda" if num_gpus > 0 else None)
+        self.scorer = ClipScorer(settings.model, "cuda" if num_gpus > 0 else None, precision=settings.precision)
 
     def __call__(self, work: ShardWork) -> ShardWork:
         floor, kept = self.settings.min_score, []

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..transform.decode import decode_rgb
-from ..work import Sample, ShardWork
-from .base import Step, timed
+from ..work import ShardWork
+from .base import Step, batches_by_size, timed
 from .clip_gate import CHUNK
 
 
@@ -24,12 +24,7 @@ class EncodeLatents(Step):
         from ..models.latents import npy_bytes
 
         with timed(work, "latents"):
-            by_size: dict[tuple[int, int], list[Sample]] = {}
-            for sample in work.samples:  # one batch shape per call
-                by_size.setdefault((sample.height, sample.width), []).append(sample)
-            for group in by_size.values():
-                for start in range(0, len(group), CHUNK):  # decoded images: one chunk at a time
-                    chunk = group[start:start + CHUNK]
-                    for sample, latent in zip(chunk, self.encoder([decode_rgb(s.jpg) for s in chunk])):
-                        sample.latents, sample.latents_info = npy_bytes(latent), self.encoder.info(latent.shape)
+            for chunk in batches_by_size(work.samples, CHUNK):  # decoded images: one chunk at a time
+                for sample, latent in zip(chunk, self.encoder([decode_rgb(s.jpg) for s in chunk])):
+                    sample.latents, sample.latents_info = npy_bytes(latent), self.encoder.info(latent.shape)
         return work
