@@ -6,7 +6,9 @@ of different content at one small size, detect_resolution 64. What is checked:
 - `annotate_batch` (one forward pass per batch) gives the maps of the single-image path
   `__call__` within 1 grey level (1/255 of the range for 16-bit depth), the same recorded
   values, and openpose's keypoints within 1 px; a batch of 2 gives what a batch of 5 gives;
-  mixed sizes in one call come back in order.
+  mixed sizes in one call come back in order. `cpu_batch = None` makes the CPU take the
+  whole batch in one forward pass as a GPU does (by default most nets run image by image
+  on a CPU, where that is faster).
 - `batch_size` is a constructor setting that is not recorded in the sample's json.
 - bf16 runs and gives maps of the right shape and dtype, and the fp32 path is untouched.
   The bf16-vs-fp32 difference is printed and written to $CONTROLFORGE_PRECISION_REPORT:
@@ -90,6 +92,9 @@ def case(request, weights):
     name, params = cases(weights)[request.param]
     annotator = create([name], {name: params})[name]
     annotator.setup()
+    for inner in (annotator, getattr(annotator, "edges", None), getattr(annotator, "depth_model", None)):
+        if inner is not None:
+            inner.cpu_batch = None  # one forward pass per batch, as on a GPU
     images = pictures()
     single = [annotator(image, rng) for image, rng in zip(images, rngs(len(images)))]
     return Case(request.param, name, params, annotator, single, annotator.annotate_batch(images, rngs(len(images))))
@@ -169,6 +174,7 @@ def test_sizes_mixed_in_one_call_come_back_in_order(weights):
     common = {"weights": weights["aux"], "detect_resolution": 64}
     for name, params in (("lineart", common), ("hed", {**common, "method": "pidinet"})):
         annotator = create([name], {name: params})[name]
+        annotator.cpu_batch = None
         small, large = pictures((64, 64)), pictures((96, 128))
         images = [small[0], large[1], small[2], large[3], large[4]]
         batched = annotator.annotate_batch(images, rngs(5))
@@ -209,3 +215,13 @@ def test_precision_settings(weights):
         default.set_precision("int8")
     with pytest.raises(AnnotatorError, match="before setup"):
         default.set_precision("bf16")  # weights already loaded
+
+
+def test_on_a_cpu_conv_nets_run_image_by_image(weights):
+    """cpu_batch = 1 (the default): annotate_batch on a CPU is the single path, bit for bit."""
+    annotator = create(["lineart"], {"lineart": {"weights": weights["aux"], "detect_resolution": 64}})["lineart"]
+    assert annotator.cpu_batch == 1
+    images = pictures()[:3]
+    one_by_one = [annotator(image, rng) for image, rng in zip(images, rngs(3))]
+    for got, want in zip(annotator.annotate_batch(images, rngs(3)), one_by_one):
+        assert np.array_equal(got[0], want[0])
