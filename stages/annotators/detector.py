@@ -192,7 +192,9 @@ class DetectorAnnotator(Annotator):
         import torch
 
         self.setup()
-        on_cpu = torch.device(self.device).type == "cpu"
+        if not images:
+            return []
+        on_cpu = torch.device(torch_device(self.device)).type == "cpu"
         step = (self.cpu_batch if on_cpu else None) or len(images)
         if step == 1 and self.resolved_precision() == "fp32":
             return [self.single(image, rng) for image, rng in zip(images, rngs)]  # see cpu_batch
