@@ -20,7 +20,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
         annotation = field.annotation
         optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
         base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
-        help_text = f"{field.description or ''} (default {field.get_default(call_default_factory=True)!r})".strip()
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        help_text = f"{field.description or ''} ({default})".strip()
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(base) is list:  # `--input a b` and `--input a --input b` alike

@@ -142,5 +142,6 @@ def missing(family) -> list[str]:
     cls = family if isinstance(family, type) else type(family)
     if not (isinstance(cls, type) and issubclass(cls, Family)):
         return [f"not a subclass of {Family.__module__}.Family"]
-    unset = [name for name in Family.__annotations__ if not hasattr(cls, name)]
-    return unset + sorted(getattr(cls, "__abstractmethods__", ()))
+    declared = {name for klass in cls.__mro__ for name in vars(klass)}  # what the class and its bases set
+    unset = [name for name in Family.__annotations__ if name not in declared]
+    return unset + sorted(cls.__abstractmethods__)
