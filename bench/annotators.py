@@ -1,11 +1,17 @@
-"""Milliseconds per 512 px image for every annotator, on this machine's CPU (or GPU).
+"""Milliseconds per 512 px image for every annotator, on this machine's CPU (or GPU),
+and what batching buys: the time of one `annotate_batch` call on --batch images over
+the time of the same images one by one through `__call__` (below 1: batching is faster).
 
-    python bench/annotators.py [--size 512] [--repeats 3] [--only hed,depth]
+    python bench/annotators.py [--size 512] [--repeats 3] [--batch 8] [--only hed,depth]
 
 Network annotators use their real architectures with RANDOM weights (written to a
 temporary folder by tests/annotator_weights.py; seg's UperNet is built at
 ConvNeXt-small size from a config): as slow as the real weights, with meaningless
-output. Each row: one warm-up call (not timed), then the median of --repeats calls.
+output. Each row: one warm-up call (not timed), then the median of --repeats calls; the
+ratio: one warm-up batched call, then the fastest of --repeats batched calls over the fastest
+of --repeats one-by-one runs (the fastest: on a shared machine other work only adds time).
+On a CPU most conv nets run image by image even in a batched call (their `cpu_batch`), so
+their ratio is about 1; the GPU takes the whole batch in one forward pass.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="images per batched call for the ratio column")
     parser.add_argument("--only", default="", help="comma-separated row prefixes to run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,10 +85,13 @@ def main() -> None:
     for kind in KINDS:
         write_random_weights(kind, work / "aux")
     seg = upernet_convnext_small(work / "upernet") if not only or any(o.startswith("seg") for o in only) else work
-    image = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((args.size, args.size)))
+    photos = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry")
+    images = [np.asarray(Image.fromarray(getattr(skimage.data, photos[i % len(photos)])()).convert("RGB")
+                         .resize((args.size, args.size)).rotate(90 * (i // len(photos)))) for i in range(args.batch)]
+    image = images[0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\n{args.size} px, device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats}")
-    print(f"{'annotator':<30} {'ms / image':>10}")
+    print(f"{'annotator':<30} {'ms / image':>10} {f'batch {args.batch} / 1-by-1':>18}")
     for label, (name, params) in cases(work / "aux", seg, args.size).items():
         if only and not any(label.startswith(o) for o in only):
             continue
@@ -89,14 +99,20 @@ def main() -> None:
         annotator.setup()
         rng = np.random.default_rng(0)
         annotator(image, rng)
-        times = []
-        for _ in range(args.repeats):
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def timed(run) -> float:
             start = time.perf_counter()
-            annotator(image, rng)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        print(f"{label:<30} {statistics.median(times) * 1e3:>10.1f}", flush=True)
+            run()
+            sync()
+            return time.perf_counter() - start
+
+        single = statistics.median(timed(lambda: annotator(image, rng)) for _ in range(args.repeats))
+        rngs = [np.random.default_rng(i) for i in range(len(images))]
+        annotator.annotate_batch(images, rngs)
+        batched = min(timed(lambda: annotator.annotate_batch(images, rngs)) for _ in range(args.repeats))
+        one_by_one = min(timed(lambda: [annotator(im, r) for im, r in zip(images, rngs)]) for _ in range(args.repeats))
+        print(f"{label:<30} {single * 1e3:>10.1f} {batched / one_by_one:>18.2f}", flush=True)
 
 
 if __name__ == "__main__":
