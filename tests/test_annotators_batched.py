@@ -62,8 +62,6 @@ def cases(weights) -> dict[str, tuple[str, dict]]:
 
 
 LABELS = list(cases({"aux": "", "upernet": "", "dpt": ""}))
-#: variants on a network already in the list (16-bit, normals from MiDaS) skip the bf16 run
-SAME_NETWORK = ("depth (midas, 16-bit)", "normal (from depth)")
 
 
 def pictures(size=SIZE, names=("astronaut", "chelsea", "coffee", "rocket", "camera")) -> list[np.ndarray]:
@@ -140,8 +138,6 @@ def test_bf16_runs_and_leaves_fp32_alone(case, capsys):
     """bf16 against fp32 on this CPU: the run succeeds with the right shapes and dtypes,
     and fp32 still gives what it gave. The difference is recorded (random weights: a
     figure, not a quality claim). Two images: bf16 kernels are slow on most CPUs."""
-    if case.label in SAME_NETWORK:
-        pytest.skip("same network as another case")
     images = pictures()[:2]
     low = create([case.name], {case.name: case.params})[case.name]
     low.set_precision("bf16")

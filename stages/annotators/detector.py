@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
+from ..models.precision import PRECISIONS, resolve, torch_dtype
 from .base import Annotator, AnnotatorError
 from .weights import DEFAULT_REPO, resolve_weight_files, torch_device
 
@@ -43,9 +44,6 @@ def aux_tensor(array: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(array)).float().permute(2, 0, 1)[None]
-
-
-PRECISIONS = ("fp32", "fp16", "bf16", "auto")
 
 
 class DetectorAnnotator(Annotator):
@@ -119,15 +117,10 @@ class DetectorAnnotator(Annotator):
         self.precision = precision
 
     def resolved_precision(self) -> str:
-        if self.precision != "auto":
-            return self.precision
-        on_cuda = str(torch_device(self.device)).startswith("cuda")
-        return "fp16" if on_cuda and self.half_safe else "fp32"
+        return resolve(self.precision, torch_device(self.device), self.half_safe)
 
     def torch_dtype(self):
-        import torch
-
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.resolved_precision()]
+        return torch_dtype(self.resolved_precision())
 
     def cast(self) -> None:
         """Cast the batched network to the precision (fp32: left exactly as loaded)."""
