@@ -52,6 +52,9 @@ class TrainConfig(BaseModel):
     cached_latents: bool = Field(True, description="use the shards' KEY.latents.npy when they were made with this "
                                  "base's VAE at this resolution (no VAE encoder in the loop); false = always encode")
 
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more than this share of the samples "
+                                    "read so far was unreadable (each one is counted per shard and skipped; judged from the 100th sample on)")
+
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume: str | None = Field(None, description="'latest' or a checkpoint folder")

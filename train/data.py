@@ -118,8 +118,9 @@ class Augment:
     """One seeded RNG per (rank, worker): the stream is a function of the seed alone."""
 
     def __init__(self, condition: str, resolution: int, flip: bool, seed: int, latents: bool = False,
-                 buckets: bool = False):
+                 buckets: bool = False, bad=None):
         self.condition, self.resolution, self.flip, self.seed = condition, resolution, flip, seed
+        self.bad = bad  # a BadSamples: samples missing a member (a shard cut short) are counted; None: an error
         self.latents = latents  # pass KEY.latents.npy through (the image is then not cropped or flipped)
         self.buckets = buckets  # crop to the sample's recorded aspect bucket instead of a square
 
@@ -129,6 +130,10 @@ class Augment:
         rng = random.Random(self.seed * 1_000_003 + rank * 1009 + (worker.id if worker else 0))
         member = f"{self.condition}.png"
         for sample in source:
+            missing = [m for m in ("jpg", member, *(("latents.npy",) if self.latents else ())) if m not in sample]
+            if missing and self.bad is not None:
+                self.bad.add(sample.get("__url__"), f"sample {sample.get('__key__')} has no {', '.join(missing)}")
+                continue
             if member not in sample:
                 raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no {member}; "
                                f"set --condition to one the shards have")
@@ -235,18 +240,40 @@ class SkipBatches:
 
 def make_dataset(urls: list[str], condition: str, resolution: int, batch_size: int, seed: int,
                  shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0, latents: bool = False,
-                 buckets: bool = False):
+                 buckets: bool = False, max_bad_fraction: float = 0.01):
+    """Unreadable members and samples are skipped and counted per shard (train/bad_samples.py);
+    each batch carries the counts since the one before under bad_samples.KEY."""
     import webdataset as wds
 
+    from .bad_samples import BadSamples
+
+    bad = BadSamples(urls, max_bad_fraction)
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        bad.visits,
+        wds.tarfile_to_samples(handler=bad.handler),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
-        wds.decode("pil", handler=wds.warn_and_continue),
-        Augment(condition, resolution, flip and not latents, seed, latents, buckets),
+        bad.decode,
+        Augment(condition, resolution, flip and not latents, seed, latents, buckets, bad=bad),
         BucketBatches(batch_size) if buckets else wds.batched(batch_size, collation_fn=collate, partial=False),
+        bad.attach,
         SkipBatches(skip_batches),
     )
+
+
+def missing_members(url: str, condition: str) -> str | None:
+    """What the shard's first sample lacks of what training reads (a wrong --condition shows
+    here, before any step), or None; a shard that cannot be read is left to the bad-sample count."""
+    import webdataset as wds
+
+    try:
+        for sample in wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=None):
+            missing = [m for m in ("jpg", f"{condition}.png") if m not in sample]
+            have = sorted(k.removesuffix(".png") for k in sample if k.endswith(".png"))
+            return f"{' or '.join(missing)} (it has: {', '.join(have) or 'no conditions'})" if missing else None
+    except Exception:
+        return None
+    return None
 
 
 def cached_latents_match(urls: list[str], pretrained: str, scaling_factor: float, shape: list[int],

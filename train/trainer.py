@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,11 @@ from typing import Any
 import torch
 
 from . import families
+from .bad_samples import BadDataError, BadSampleTally
+from .checkpoints import latest_complete, load_rank_state, read_state, save_checkpoint, save_model_atomic
 from .config import TrainConfig
-from .data import cached_latents_match, expand_shards, make_dataset, make_hf_dataset, make_loader
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start; the message says why and what to do."""
+from .data import cached_latents_match, expand_shards, make_dataset, make_hf_dataset, make_loader, missing_members
+from .errors import TrainError
 
 
 class PromptDropout:
@@ -45,20 +44,33 @@ class PromptDropout:
         self.generator.set_state(state["generator"])
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+def _resume_path(cfg: TrainConfig, log) -> Path | None:
+    """`latest`: the newest complete checkpoint (incomplete ones are moved aside, with a
+    line each); a named folder must be complete."""
+    from .checkpoints import incomplete_reason
 
-
-def _resume_path(cfg: TrainConfig) -> Path | None:
     if not cfg.resume:
         return None
     if cfg.resume == "latest":
-        found = checkpoints(Path(cfg.output_dir))
-        return found[-1] if found else None
+        found = latest_complete(Path(cfg.output_dir), log)
+        if found is None:
+            log(f"--resume latest: no complete checkpoint in {cfg.output_dir}; starting from step 0")
+        return found
     path = Path(cfg.resume)
     if not path.is_dir():
         raise TrainError(f"--resume {cfg.resume}: no such checkpoint folder")
+    why = incomplete_reason(path)
+    if why:
+        raise TrainError(f"--resume {cfg.resume}: incomplete checkpoint ({why}); pass an earlier one, or "
+                         f"--resume latest to take the newest complete one")
     return path
+
+
+def _nonfinite_message(what: str, value: float, step: int, cfg: TrainConfig, saved: int | None) -> str:
+    last = f"the last checkpoint, checkpoint-{saved}, is from before it" if saved else "no checkpoint was saved"
+    return (f"{what} is {value} at step {step}: stopped there, and nothing is saved after it ({last}); lower "
+            f"--learning-rate (now {cfg.learning_rate:g}), or use --mixed-precision bf16/no instead of fp16, then "
+            f"--resume latest")
 
 
 def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -124,12 +136,25 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     for module in (*frozen.text_encoders, vae) + (() if cfg.unlock_decoder else (denoiser,)):
         module.to(device)
 
-    global_step = 0
-    resume_from = _resume_path(cfg)
+    global_step, saved_step, skipped_steps = 0, None, 0
+    tally = BadSampleTally(cfg.max_bad_fraction, log)
+    resume_from = _resume_path(cfg, log) if accelerator.is_main_process else None
+    resume_from = _broadcast_path(accelerator, resume_from)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        global_step = json.loads((resume_from / "controlforge_state.json").read_text())["global_step"]
+        state = read_state(resume_from)
+        global_step = saved_step = state["global_step"]
+        skipped_steps = state.get("skipped_steps", 0)
+        tally.load_state_dict(state.get("bad_samples", {}))
+        rank_state = load_rank_state(resume_from, accelerator.process_index)
+        if rank_state is not None:  # accelerate restored rank 0's generator on every rank
+            dropout.load_state_dict(rank_state["dropout"])
+            tally.per_shard = dict(rank_state.get("bad_per_shard", {}))
         log(f"resumed from {resume_from} at step {global_step}")
+    if urls:
+        missing = missing_members(urls[0], cfg.condition)
+        if missing:
+            raise TrainError(f"{urls[0]}: its first sample has no {missing}; set --condition to one the shards have")
     use_latents = False
     if urls and cfg.cached_latents and getattr(vae.config, "shift_factor", None):
         log("not using cached latents: this base's VAE has a shift factor that they do not include; encoding")
@@ -145,7 +170,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     data_args = (cfg.condition, cfg.resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer, cfg.flip_enabled,
                  global_step * cfg.gradient_accumulation_steps)
     dataset = (make_hf_dataset(cfg.dataset, *data_args) if cfg.dataset
-               else make_dataset(urls, *data_args, latents=use_latents, buckets=cfg.buckets))
+               else make_dataset(urls, *data_args, latents=use_latents, buckets=cfg.buckets,
+                                 max_bad_fraction=cfg.max_bad_fraction))
     loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
     validation_urls = expand_shards(cfg.validation_shards) if cfg.validation_shards else urls
     validation = (_validation_batch(validation_urls, cfg) if validation_urls and cfg.num_validation_images
@@ -159,14 +185,19 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                     desc="train")
     started, losses, samples_seen, first_step = time.perf_counter(), [], 0, global_step
     step_times: list[float] = []  # perf_counter at the end of each optimiser step (benchmarks)
-    for batch in loader:
+    for batch in _batches(loader):
         if global_step >= cfg.max_train_steps:
             break
+        tally.take(batch)
         with accelerator.accumulate(controlnet):
             loss = family.loss(batch, cfg, frozen, denoiser, controlnet, dropout, device, weight_dtype, log)
+            _stop_on_bad_data_or_loss(accelerator, loss, tally, cfg, global_step + 1, saved_step)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
+                norm = accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
+                if norm is not None and not math.isfinite(float(norm)) and accelerator.scaler is None:
+                    raise TrainError(_nonfinite_message("the gradient norm", float(norm), global_step + 1, cfg,
+                                                        saved_step))
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -178,6 +209,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
             ema.to(device)
             ema.step(accelerator.unwrap_model(controlnet).parameters())
         global_step += 1
+        skipped_steps += int(accelerator.optimizer_step_was_skipped)  # fp16 loss scaling: overflow, step skipped
         step_times.append(time.perf_counter())
         elapsed = step_times[-1] - started
         progress.update(1)
@@ -187,7 +219,10 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
             save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit,
+                            rank_state={"dropout": dropout.state_dict(), "bad_per_shard": tally.per_shard},
+                            state={"skipped_steps": skipped_steps, "bad_samples": tally.state_dict()},
                             ema_model=ema, controlnet=controlnet)
+            saved_step = global_step
         if global_step % cfg.validation_steps == 0 and cfg.num_validation_images:
             stop = 0
             if validation is not None:
@@ -205,16 +240,72 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         raise TrainError(f"ControlNet weights differ across ranks after training: {checksums}")
     if ema is not None:
         ema.copy_to(accelerator.unwrap_model(controlnet).parameters())  # the saved model is the EMA one
+    bad_per_shard = _merged_counts(accelerator, tally.per_shard)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(controlnet).save_pretrained(output_dir)  # config.json + safetensors
-        (output_dir / "train_state.json").write_text(json.dumps(
-            {"global_step": global_step, "world_size": accelerator.num_processes, "rank_checksums": checksums}))
+        save_model_atomic(accelerator.unwrap_model(controlnet), output_dir,  # config.json + safetensors
+                          {"global_step": global_step, "world_size": accelerator.num_processes,
+                           "rank_checksums": checksums, "skipped_steps": skipped_steps,
+                           "bad_samples": {**tally.state_dict(), "per_shard": bad_per_shard}})
+        if tally.bad:
+            log(f"bad samples: {tally.summary()}, skipped; per shard: "
+                + ", ".join(f"{Path(u).name} {n}" for u, n in sorted(bad_per_shard.items())))
+        if skipped_steps:
+            log(f"{skipped_steps} step(s) skipped by the fp16 loss scaler (gradients overflowed)")
         log(f"saved ControlNet to {output_dir} ({accelerator.num_processes} process(es), weights agree)")
     accelerator.end_training()
     return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir), "step_times": step_times,
+            "bad_samples": {**tally.state_dict(), "per_shard": bad_per_shard}, "skipped_steps": skipped_steps,
             "models": {"controlnet": accelerator.unwrap_model(controlnet),
                        "denoiser": accelerator.unwrap_model(denoiser),
                        "vae": vae, "text_encoder": frozen.text_encoders[0], "frozen": frozen}}
+
+
+def _batches(loader):
+    """The loader's batches; a worker that read only bad samples ends the run with its message."""
+    try:
+        yield from loader
+    except BadDataError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def _stop_on_bad_data_or_loss(accelerator, loss, tally: BadSampleTally, cfg: TrainConfig, step: int,
+                              saved_step: int | None) -> None:
+    """Before the backward pass: a non-finite loss on any rank, or too many bad samples
+    over all ranks, stops every rank together (one small all-reduce per micro-batch)."""
+    flags = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0, tally.new_bad, tally.new_read],
+                         dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum").cpu()
+    tally.commit(int(flags[1]), int(flags[2]))
+    if flags[0] > 0:
+        raise TrainError(_nonfinite_message("the loss", float(loss.detach().float().mean()), step, cfg, saved_step))
+    if tally.exceeded():
+        raise TrainError(f"too many bad samples: {tally.summary()}, more than --max-bad-fraction "
+                         f"{cfg.max_bad_fraction:g}; shards with bad samples: "
+                         + ", ".join(sorted(tally.per_shard)) + "; check them with `controlforge verify` "
+                         f"(stopped at step {step}; raise --max-bad-fraction to go on anyway)")
+
+
+def _broadcast_path(accelerator, path: Path | None) -> Path | None:
+    """The main process picks the checkpoint (and moves incomplete ones aside); every rank loads that one."""
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    chosen = broadcast_object_list([str(path) if path else None], from_process=0)[0]
+    return Path(chosen) if chosen else None
+
+
+def _merged_counts(accelerator, counts: dict[str, int]) -> dict[str, int]:
+    if accelerator.num_processes == 1:
+        return dict(counts)
+    from accelerate.utils import gather_object
+
+    merged: dict[str, int] = {}
+    for part in gather_object([counts]):
+        for url, n in part.items():
+            merged[url] = merged.get(url, 0) + n
+    return merged
 
 
 def _rank_checksums(accelerator, model) -> list[float]:
@@ -241,29 +332,6 @@ def _tracker_available(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard" if name == "tensorboard" else "wandb") is not None
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None, ema_model=None,
-                    controlnet=None) -> None:
-    """Model, optimizer, lr schedule, RNG states (and our prompt-dropout generator) via
-    accelerate, plus the step, plus `controlnet/`: the weights as a ControlNet folder that
-    `from_pretrained` (and `controlforge sample`) loads directly (the EMA weights when
-    EMA is on, as the final model). At most `keep` checkpoints stay."""
-    path = output_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        if controlnet is not None:
-            model = accelerator.unwrap_model(controlnet)
-            if ema_model is not None:
-                ema_model.store(model.parameters())
-                ema_model.copy_to(model.parameters())
-            model.save_pretrained(path / "controlnet")
-            if ema_model is not None:
-                ema_model.restore(model.parameters())
-        (path / "controlforge_state.json").write_text(json.dumps({"global_step": step}))
-        if keep:
-            for old in checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
 
 
 def _validation_batch(urls: list[str], cfg: TrainConfig) -> dict[str, Any]:
