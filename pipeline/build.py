@@ -3,6 +3,7 @@
 Runs on an embedded Ray cluster by default, on an existing one with
 RAY_ADDRESS / --ray-address, or under `ray job submit --working-dir . -- python pipeline/build.py ...`.
 Resumable: a rerun into the same --output skips the shards its manifest lists.
+A full disk stops it with one line and exit status 3; the finished shards are kept.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import argparse
 import itertools
 import os
 import sys
+import tempfile
 import time
+import traceback
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +23,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python pipeline/build.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.disk_full import (DISK_FULL_EXIT, DiskFullError, disk_full_message, find_disk_full,  # noqa: E402
+                              full_path)
 from common.flags import add_model_flags, overrides_from  # noqa: E402
 from pipeline.config import BuildConfig, ConfigError, load_config  # noqa: E402
 from pipeline.executors import init_ray, run_local, run_ray_windows  # noqa: E402
@@ -97,11 +102,40 @@ def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     started = time.perf_counter()
     annotators = create_annotators(cfg.conditions, cfg.annotator_params)  # unknown names fail here, not in a worker
     out = Output(cfg.output)
-    with BuildLock(out, cfg.lock_stale_seconds, log):  # one build per folder; --overwrite waits its turn too
-        return _build_locked(cfg, out, annotators, started, log)
+    progress: dict[str, Any] = {"planned": None}  # shards planned, once the listing knows
+    try:
+        with BuildLock(out, cfg.lock_stale_seconds, log):  # one build per folder; --overwrite waits its turn too
+            return _build_locked(cfg, out, annotators, started, log, progress)
+    except DiskFullError:
+        raise
+    except Exception as exc:  # on Ray too: the worker's OSError comes back wrapped
+        error = find_disk_full(exc)
+        if error is None:
+            raise
+        raise disk_full_error(out, error, progress["planned"]) from exc
 
 
-def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: float, log) -> dict[str, Any]:
+def disk_full_error(out: Output, error: OSError, planned: int | None) -> DiskFullError:
+    """The one line for a build stopped by a full disk: where (the file the error names,
+    else the output folder or the temporary folder the spool uses, whichever has less
+    room), the free space there, and the shards finished (their completion markers)."""
+    try:
+        done = len(index.completed_shards(out))
+    except Exception:
+        done = None
+    if done is None:
+        progress = "the finished shards are kept"
+    elif planned is not None:
+        progress = f"{done} of {planned} shards done"
+    else:
+        progress = f"{done} shards done"
+    candidates = ([str(Path(out.root).resolve())] if out.local else []) + [tempfile.gettempdir()]
+    path = full_path(error, candidates)
+    return DiskFullError(disk_full_message(path, progress, error), error, path)
+
+
+def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: float, log,
+                  progress: dict[str, Any] | None = None) -> dict[str, Any]:
     if cfg.overwrite:
         _clear_output(out)
     index.remove_stale_temporaries(out)
@@ -110,6 +144,8 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     listing = open_listing(cfg.input, cfg.url_column, cfg.caption_column, cfg.samples_per_shard,
                            peek=cfg.auto_local_max_inputs + 1)
     list_seconds = time.perf_counter() - t0
+    if progress is not None and not listing.streamed:
+        progress["planned"] = len(listing.planned)
     if cfg.executor == "auto":
         inputs_seen = listing.known_count if listing.known_count is not None else len(listing.first)
         cfg = cfg.model_copy(update={"executor": choose_executor(cfg, inputs_seen)})
@@ -217,11 +253,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--config", help="YAML file with any of the settings below; flags override it")
     add_model_flags(parser, BuildConfig)
     parser.add_argument("--num-gpus", type=float, dest="caption_num_gpus", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the full traceback of a stop (a full disk is otherwise one line)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    return load_config(args.config, overrides_from(args))
+    overrides = overrides_from(args)
+    overrides.pop("debug", None)  # how to report, not what to build
+    return load_config(args.config, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,11 +274,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    debug = bool(getattr(args, "debug", False))
     try:
         cfg = config_from_args(args)
         if not cfg.input:
             raise ConfigError("no input: pass --input or set `input:` in --config")
         run_build(cfg)
+    except DiskFullError as exc:
+        return _stop_on_full_disk(exc, debug)
     except (ConfigError, BuildError, InputError, AnnotatorError, CaptionModelError, MissingWeightsError,
             LockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -250,6 +293,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def _stop_on_full_disk(exc: DiskFullError, debug: bool) -> int:
+    """One line on stderr and exit status 3; the tracebacks too with --debug."""
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {exc}", file=sys.stderr)
+    sys.stderr.flush()
+    return DISK_FULL_EXIT
 
 
 def _user_error_in(exc: BaseException) -> BaseException | None:
