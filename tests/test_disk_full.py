@@ -358,7 +358,10 @@ def test_a_real_full_tmpfs_on_the_ray_executor(tmp_path, capfd, reference, ray_s
     inputs, ref_out = reference
     with tmpfs(tmp_path / "disk", room_for(ref_out, 3.5)) as disk:
         out = disk / "out"
-        args = build_args(inputs, out, executor="ray")
+        # two shard tasks at a time, whatever the machine: more writers at once than the disk
+        # has room for shards could fill it before any shard is whole
+        per_task = max(1.0, float(ray_session.cluster_resources().get("CPU", 2)) / 2)
+        args = build_args(inputs, out, "--num-cpus", str(per_task), executor="ray")
         code = main(args)
         err = capfd.readouterr().err
         assert code == 3, err
