@@ -51,6 +51,9 @@ class BuildConfig(BaseModel):
     fetch_retries: int = Field(2, ge=0, description="further tries after a timeout, a reset or HTTP 408/429/5xx")
     user_agent: str = Field(USER_AGENT, description="the User-Agent header of URL fetches")
     respect_opt_out: bool = Field(False, description="skip images served with X-Robots-Tag noai / noimageai (opted_out)")
+    allow_address: list[str] = Field(default_factory=list, description="repeatable: an address range (CIDR) that URL "
+                                     "fetches may reach although it is link-local or cloud metadata (169.254.0.0/16, "
+                                     "fd00:ec2::254, metadata.google.internal: blocked_address otherwise)")
 
     caption_model: str = Field(DEFAULT_CAPTION_MODEL, description="BLIP hub id or local folder; 'none' skips captioning")
     keep_captions: bool = Field(False, description="use captions that come with the input; BLIP only for the rest")
@@ -110,6 +113,15 @@ class BuildConfig(BaseModel):
     @classmethod
     def _listify_input(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("allow_address", mode="before")
+    @classmethod
+    def _parse_ranges(cls, value: Any) -> Any:
+        """Each entry a valid range, so a typo stops the build before it starts."""
+        from stages.read.address_guard import parse_networks
+
+        value = [value] if isinstance(value, str) else value
+        return [str(network) for network in parse_networks(value)]
 
     @property
     def captioning(self) -> bool:

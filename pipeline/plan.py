@@ -62,7 +62,7 @@ def read_settings(cfg: BuildConfig) -> ReadSettings:
     return ReadSettings(
         resize=ResizeSpec(cfg.resolution, cfg.resize_mode, cfg.min_size, cfg.max_aspect, cfg.max_pixels),
         http=HttpOptions(timeout=cfg.fetch_timeout, retries=cfg.fetch_retries, user_agent=cfg.user_agent,
-                         respect_opt_out=cfg.respect_opt_out),
+                         respect_opt_out=cfg.respect_opt_out, allow_addresses=tuple(cfg.allow_address)),
         captions=CaptionPolicy(cfg.caption_model if cfg.captioning else None, cfg.keep_captions),
         jpeg_quality=cfg.jpeg_quality, image_column=cfg.image_column, caption_column=cfg.caption_column,
         bucket_resolution=cfg.resolution if cfg.resize_mode == "keep_ratio" else None,

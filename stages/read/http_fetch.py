@@ -1,11 +1,12 @@
 """Fetching one image over HTTP(S) the way a crawler must: connect and read timeouts, a
 deadline for the whole body (a server that trickles bytes cannot hold a worker), retries
 with backoff for transient failures only, a user agent naming the tool, and optionally
-the `X-Robots-Tag: noai` / `noimageai` opt-out that img2dataset honours.
+the `X-Robots-Tag: noai` / `noimageai` opt-out that img2dataset honours. No connection
+reaches a link-local or cloud-metadata address (address_guard), redirects included.
 
 Failures raise FetchError with a reason name the build records in errors.jsonl and the
 shard stats: `timeout`, `http_error` (with the status), `connection_error`, `too_large`,
-`opted_out`.
+`opted_out`, `blocked_address`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+
+from .address_guard import AddressGuard, BlockedAddress, blocked_in, guarded_adapter, parse_networks
 
 USER_AGENT = "controlforge/0.1 (ControlNet training-set builder; +https://github.com/controlforge/controlforge)"
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -28,6 +31,11 @@ class HttpOptions:
     user_agent: str = USER_AGENT
     respect_opt_out: bool = False  # skip responses with X-Robots-Tag noai / noimageai
     max_bytes: int = 100 * 1024 * 1024
+    allow_addresses: tuple[str, ...] = ()  # CIDR ranges opened through the address guard
+
+    @property
+    def guard(self) -> AddressGuard:
+        return AddressGuard(parse_networks(self.allow_addresses))
 
     @property
     def deadline(self) -> float:
@@ -44,13 +52,19 @@ class FetchError(IOError):
 _local = threading.local()
 
 
-def _session():
-    """One connection pool per worker thread (requests sessions are not thread-safe)."""
+def _session(guard: AddressGuard):
+    """One connection pool per worker thread and guard (requests sessions are not
+    thread-safe); every connection it opens passes `guard`."""
     import requests
 
-    if getattr(_local, "session", None) is None:
-        _local.session = requests.Session()
-    return _local.session
+    sessions = _local.__dict__.setdefault("sessions", {})
+    if guard not in sessions:
+        session = requests.Session()
+        adapter = guarded_adapter(guard)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        sessions[guard] = session
+    return sessions[guard]
 
 
 def opted_out(headers) -> bool:
@@ -64,11 +78,16 @@ def _get_once(url: str, options: HttpOptions) -> bytes:
 
     started = time.monotonic()
     try:
-        response = _session().get(url, timeout=(options.timeout, options.timeout), stream=True,
+        response = _session(options.guard).get(url, timeout=(options.timeout, options.timeout), stream=True,
                                   headers={"User-Agent": options.user_agent})
+    except BlockedAddress as exc:  # the URL, or a redirect from it, leads to instance metadata
+        raise FetchError("blocked_address", str(exc)) from None
     except requests.exceptions.Timeout as exc:
         raise FetchError("timeout", f"no answer within {options.timeout:g} s ({type(exc).__name__})", True) from None
     except requests.exceptions.RequestException as exc:
+        blocked = blocked_in(exc)
+        if blocked is not None:  # found at connect time (a name that answered differently)
+            raise FetchError("blocked_address", str(blocked)) from None
         raise FetchError("connection_error", f"{type(exc).__name__}: {exc}", True) from None
     with response:
         if response.status_code >= 400:
