@@ -161,10 +161,11 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def disk_full_message(path: str | os.PathLike | None, done: str, error: OSError | None = None) -> str:
+def disk_full_message(path: str | os.PathLike | None, done: str, error: OSError | None = None,
+                      resume: str = "rerun the same command to resume") -> str:
     """One line (no newline): the disk at `path` is full (or the quota, per `error`), the
     free space there now, `done` (the job's progress, e.g. "3 of 8 shards done"), and what
-    to do: free space there and rerun the same command to resume."""
+    to do: free space there, then `resume` (how this job picks up where it stopped)."""
     code = error.errno if error is not None and error.errno in DISK_FULL_ERRNOS else errno.ENOSPC
     what = "disk quota exceeded" if code != errno.ENOSPC else "no space left on device"
     if path is None:
@@ -173,4 +174,4 @@ def disk_full_message(path: str | os.PathLike | None, done: str, error: OSError 
         where, free = f" at {os.fsdecode(path)}", free_bytes(path)
     room = f" ({human_bytes(free)} free there now)" if free is not None else ""
     todo = "raise the quota or free space there" if code != errno.ENOSPC else "free space there"
-    return f"disk full: {what}{where}{room}; {done}; {todo}, then rerun the same command to resume"
+    return f"disk full: {what}{where}{room}; {done}; {todo}, then {resume}"

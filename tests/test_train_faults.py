@@ -178,3 +178,36 @@ def test_more_bad_samples_than_the_limit_stop_the_run_clearly(setup, tmp_path): 
 def test_a_wrong_condition_is_named_before_any_step(setup, tmp_path):  # noqa: F811
     with pytest.raises(TrainError, match=r"has no seg\.png \(it has: canny\); set --condition"):
         train(config(setup, tmp_path / "run", condition="seg"), **QUIET)
+
+
+def test_a_full_disk_while_saving_is_one_line_exit_3_and_resume_latest_goes_on(setup, straight, tmp_path, capsys,  # noqa: F811
+                                                                                monkeypatch):
+    import errno
+
+    from pipeline.cli import main
+    from test_train import _distributed_args
+
+    out = tmp_path / "run"
+    args = ["train", *_distributed_args(setup, out), "--max-train-steps", "6", "--checkpointing-steps", "2",
+            "--learning-rate", "1e-3", "--train-batch-size", "2"]
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):  # the disk fills up while checkpoint-4 is written
+        if "checkpoint-4" in str(f) and str(f).endswith("optimizer.bin"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    line = err[-1]
+    assert line.startswith("error: disk full: no space left on device at ") and "checkpoint-4.partial/optimizer.bin" in line
+    assert "free there now" in line and "the newest complete checkpoint is checkpoint-2" in line
+    assert line.endswith("rerun the same command with --resume latest")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4.partial"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main([*args, "--resume", "latest"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    resumed = load_file(out / "diffusion_pytorch_model.safetensors")
+    assert _same(resumed, {k: v for k, v in _weights(straight).items()}), "the same weights as an uninterrupted run"

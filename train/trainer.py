@@ -185,55 +185,57 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                     desc="train")
     started, losses, samples_seen, first_step = time.perf_counter(), [], 0, global_step
     step_times: list[float] = []  # perf_counter at the end of each optimiser step (benchmarks)
-    for batch in _batches(loader):
-        if global_step >= cfg.max_train_steps:
-            break
-        tally.take(batch)
-        with accelerator.accumulate(controlnet):
-            loss = family.loss(batch, cfg, frozen, denoiser, controlnet, dropout, device, weight_dtype, log)
-            _stop_on_bad_data_or_loss(accelerator, loss, tally, cfg, global_step + 1, saved_step)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                norm = accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
-                if norm is not None and not math.isfinite(float(norm)) and accelerator.scaler is None:
-                    raise TrainError(_nonfinite_message("the gradient norm", float(norm), global_step + 1, cfg,
-                                                        saved_step))
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach().float().item())
-        samples_seen += len(batch["text"]) * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        if ema is not None:
-            ema.to(device)
-            ema.step(accelerator.unwrap_model(controlnet).parameters())
-        global_step += 1
-        skipped_steps += int(accelerator.optimizer_step_was_skipped)  # fp16 loss scaling: overflow, step skipped
-        step_times.append(time.perf_counter())
-        elapsed = step_times[-1] - started
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}",
-                             steps_s=f"{(global_step - first_step) / elapsed:.2f}",
-                             samples_s=f"{samples_seen / elapsed:.1f}")
-        accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
-            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit,
-                            rank_state={"dropout": dropout.state_dict(), "bad_per_shard": tally.per_shard},
-                            state={"skipped_steps": skipped_steps, "bad_samples": tally.state_dict()},
-                            ema_model=ema, controlnet=controlnet)
-            saved_step = global_step
-        if global_step % cfg.validation_steps == 0 and cfg.num_validation_images:
-            stop = 0
-            if validation is not None:
-                images = run_validation(validation, cfg, accelerator, frozen, denoiser, controlnet, global_step,
-                                        weight_dtype)
-                if tracker is not None:
-                    stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator, log))
-            if _broadcast_flag(accelerator, stop):
-                log(f"stopping {cfg.stop_after_convergence} steps after sudden convergence (step {global_step})")
+    try:  # the bar ends its line before any stop message
+        for batch in _batches(loader):
+            if global_step >= cfg.max_train_steps:
                 break
-    progress.close()
+            tally.take(batch)
+            with accelerator.accumulate(controlnet):
+                loss = family.loss(batch, cfg, frozen, denoiser, controlnet, dropout, device, weight_dtype, log)
+                _stop_on_bad_data_or_loss(accelerator, loss, tally, cfg, global_step + 1, saved_step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
+                    if norm is not None and not math.isfinite(float(norm)) and accelerator.scaler is None:
+                        raise TrainError(_nonfinite_message("the gradient norm", float(norm), global_step + 1, cfg,
+                                                            saved_step))
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float().item())
+            samples_seen += len(batch["text"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.to(device)
+                ema.step(accelerator.unwrap_model(controlnet).parameters())
+            global_step += 1
+            skipped_steps += int(accelerator.optimizer_step_was_skipped)  # fp16 loss scaling: overflow, step skipped
+            step_times.append(time.perf_counter())
+            elapsed = step_times[-1] - started
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}",
+                                 steps_s=f"{(global_step - first_step) / elapsed:.2f}",
+                                 samples_s=f"{samples_seen / elapsed:.1f}")
+            accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
+                save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit,
+                                rank_state={"dropout": dropout.state_dict(), "bad_per_shard": tally.per_shard},
+                                state={"skipped_steps": skipped_steps, "bad_samples": tally.state_dict()},
+                                ema_model=ema, controlnet=controlnet)
+                saved_step = global_step
+            if global_step % cfg.validation_steps == 0 and cfg.num_validation_images:
+                stop = 0
+                if validation is not None:
+                    images = run_validation(validation, cfg, accelerator, frozen, denoiser, controlnet, global_step,
+                                            weight_dtype)
+                    if tracker is not None:
+                        stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator, log))
+                if _broadcast_flag(accelerator, stop):
+                    log(f"stopping {cfg.stop_after_convergence} steps after sudden convergence (step {global_step})")
+                    break
+    finally:
+        progress.close()
     accelerator.wait_for_everyone()
     checksums = _rank_checksums(accelerator, accelerator.unwrap_model(controlnet))
     if len(set(checksums)) > 1:
