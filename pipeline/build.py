@@ -27,10 +27,12 @@ from common.disk_full import (DISK_FULL_EXIT, DiskFullError, disk_full_message, 
                               full_path)
 from common.flags import add_model_flags, overrides_from  # noqa: E402
 from pipeline.config import BuildConfig, ConfigError, load_config  # noqa: E402
+from pipeline import licences  # noqa: E402
 from pipeline.executors import init_ray, run_local, run_ray_windows  # noqa: E402
 from pipeline.plan import make_steps, place  # noqa: E402
 from pipeline.summary import format_summary  # noqa: E402
 from stages.annotators import AnnotatorError, MissingWeightsError, create as create_annotators  # noqa: E402
+from stages.annotators.licences import LicencePolicyError  # noqa: E402
 from stages.models.captioner import CaptionModelError  # noqa: E402
 from stages.read.listing import open_listing  # noqa: E402
 from stages.read.readers import InputError  # noqa: E402
@@ -101,6 +103,10 @@ def preflight_caption_model(name: str) -> None:
 def run_build(cfg: BuildConfig, log=print) -> dict[str, Any]:
     started = time.perf_counter()
     annotators = create_annotators(cfg.conditions, cfg.annotator_params)  # unknown names fail here, not in a worker
+    try:
+        licences.enforce(cfg.licence_policy, annotators)  # before any work: no listing, no fetch
+    except LicencePolicyError as exc:
+        raise BuildError(str(exc)) from None
     out = Output(cfg.output)
     progress: dict[str, Any] = {"planned": None}  # shards planned, once the listing knows
     try:
@@ -203,6 +209,13 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     if todo_any:
         for annotator in annotators.values():
             annotator.check_weights()  # a missing file fails here, named, before any work
+        try:  # the weights' sha256, once per build; each sample's json gets a reference
+            resolved = licences.resolve(annotators, manifest.get("licences"), cfg.output)
+        except LicencePolicyError as exc:
+            raise BuildError(str(exc)) from None
+        if manifest.get("licences") != resolved:
+            manifest["licences"] = resolved
+            index.save_manifest(out, manifest)
     steps = make_steps(cfg, placement, annotators)
     results = (run_local(steps, todo) if cfg.executor == "local"
                else run_ray_windows(steps, todo, cfg.num_cpus))

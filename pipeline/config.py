@@ -50,7 +50,8 @@ class BuildConfig(BaseModel):
     fetch_timeout: float = Field(10.0, gt=0, description="seconds to connect to a URL, and without a byte while reading")
     fetch_retries: int = Field(2, ge=0, description="further tries after a timeout, a reset or HTTP 408/429/5xx")
     user_agent: str = Field(USER_AGENT, description="the User-Agent header of URL fetches")
-    respect_opt_out: bool = Field(False, description="skip images served with X-Robots-Tag noai / noimageai (opted_out)")
+    respect_opt_out: bool = Field(True, description="skip images served with X-Robots-Tag noai / noimageai or "
+                                  "tdm-reservation: 1 (opted_out); --no-respect-opt-out fetches them")
     allow_address: list[str] = Field(default_factory=list, description="repeatable: an address range (CIDR) that URL "
                                      "fetches may reach although it is link-local or cloud metadata (169.254.0.0/16, "
                                      "fd00:ec2::254, metadata.google.internal: blocked_address otherwise)")
@@ -84,6 +85,9 @@ class BuildConfig(BaseModel):
                                         "distance of an earlier kept one, across the build (near_duplicate)")
     annotator_num_gpus: float | None = Field(None, ge=0, description="GPU share of the network-annotator actor; "
                                              "None = 0.5 if the cluster has GPUs")
+    licence_policy: Literal["any", "commercial"] = Field(
+        "any", description="commercial: before any work, refuse every condition whose annotator weights are not "
+        "licensed for commercial use (or whose licence is unknown), naming them and a permissive alternative")
     annotator_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="precision of the network annotators, BLIP and the CLIP gate: auto = fp16 on CUDA for "
         "the networks that tolerate it, fp32 on a CPU; recorded in each sample's json")

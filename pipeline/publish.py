@@ -196,12 +196,29 @@ def dataset_card(info: dict[str, Any], main: str, license: str, rejected: Counte
         *_table(("rejected because", "inputs"), sorted(rejected.items()), "No input was rejected."),
         "## Captions", "", *caption_lines, "",
         "## Conditions", "", *condition_lines, "",
+        "## Licences of the annotators", "", *licence_lines(manifest.get("licences")),
         "## How it was built", "",
         f"- resolution {cfg['resolution']}, resize mode {cfg['resize_mode']}, seed {cfg['seed']}",
         f"- package versions: {', '.join(f'{k} {v}' for k, v in manifest.get('versions', {}).items())}", "",
         "Build config:", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", "",
     ]
     return "\n".join(lines)
+
+
+def licence_lines(licences: dict[str, Any] | None) -> list[str]:
+    """One row per condition: the annotator, the weights it loaded (and their sha256
+    fingerprint), their licence and source, and whether all of it allows commercial use."""
+    if not licences:
+        return ["Not recorded: this build predates controlforge's licence record; rebuild to add it.", ""]
+    rows = ["| condition | annotator (code licence) | weights | weights licence | source | commercial use |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, rec in licences.items():
+        weights = (f"`{rec['weights']}` (sha256 {rec['digest']})" if rec.get("digest") else
+                   f"`{rec['weights']}`" if rec.get("weights") else "none")
+        rows.append(f"| `{name}` | {rec['annotator']} ({rec['code_licence']}) | {weights} | "
+                    f"{rec.get('weights_licence') or 'n/a'} | {rec.get('weights_source') or 'n/a'} | "
+                    f"{'yes' if rec.get('commercial') else 'no'} |")
+    return [*rows, "", "The full sha256 of every weight file is in the build's manifest.json (`licences`).", ""]
 
 
 def _size_category(n: int) -> str:

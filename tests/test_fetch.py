@@ -24,6 +24,13 @@ def _jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
+#: each header form that opts an image out, and one that does not (tdm-reservation: 0)
+OPT_OUT_ROUTES = {"/noai.jpg": {"X-Robots-Tag": "noindex, noai"}, "/noimageai.jpg": {"X-Robots-Tag": "noimageai"},
+                  "/botnoai.jpg": {"X-Robots-Tag": "otherbot: noai"}, "/tdm.jpg": {"tdm-reservation": "1"},
+                  "/tdm0.jpg": {"tdm-reservation": "0"}}
+OPTED_OUT = ("noai.jpg", "noimageai.jpg", "botnoai.jpg", "tdm.jpg")
+
+
 class Site:
     """Routes: /ok-N.jpg, /missing.jpg (404), /flaky.jpg (503 twice, then the image), /noai.jpg."""
 
@@ -46,8 +53,8 @@ class Site:
                     status, body = 503, b"busy"
                 elif self.path == "/flaky.jpg":
                     status, body = 200, _jpeg(50)
-                elif self.path == "/noai.jpg":
-                    status, body, headers = 200, _jpeg(60), {"X-Robots-Tag": "noindex, noai"}
+                elif self.path in OPT_OUT_ROUTES:
+                    status, body, headers = 200, _jpeg(60 + list(OPT_OUT_ROUTES).index(self.path)), OPT_OUT_ROUTES[self.path]
                 else:
                     status, body = 404, b"not here"
                 self.send_response(status)
@@ -100,8 +107,9 @@ def site():
 
 def test_opt_out_header_forms():
     assert opted_out({"X-Robots-Tag": "noai"}) and opted_out({"X-Robots-Tag": "noindex, noimageai"})
-    assert opted_out({"X-Robots-Tag": "somebot: noai"})
+    assert opted_out({"X-Robots-Tag": "somebot: noai"}) and opted_out({"tdm-reservation": "1"})
     assert not opted_out({"X-Robots-Tag": "noindex, nofollow"}) and not opted_out({})
+    assert not opted_out({"tdm-reservation": "0"})
 
 
 def test_http_get_retries_transient_errors_and_not_others(site):
@@ -127,18 +135,21 @@ def test_a_silent_server_times_out_instead_of_hanging():
     assert error.reason == "timeout" and "after 2 tries" in str(error)
 
 
-@pytest.mark.parametrize("respect", [False, True])
+@pytest.mark.parametrize("respect", [None, False])
 def test_build_records_fetch_failures_by_reason_and_keeps_the_rest(site, tmp_path, respect):
+    """respect None: the default, which honours every opt-out header form (served for real
+    by the loopback site); False: --no-respect-opt-out."""
     from pipeline.build import run_build
     from pipeline.config import BuildConfig
 
     with silent_server() as silent:
         urls = [f"{site.url}/ok-{i}.jpg" for i in range(3)] + [
-            f"{site.url}/missing.jpg", f"{site.url}/flaky.jpg", f"{site.url}/noai.jpg", f"{silent}/never.jpg"]
+            f"{site.url}/missing.jpg", f"{site.url}/flaky.jpg", f"{silent}/never.jpg"] + [
+            f"{site.url}{route}" for route in OPT_OUT_ROUTES]
         (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
         cfg = BuildConfig(input=[str(tmp_path / "urls.txt")], output=str(tmp_path / "out"), resolution=64, min_size=64,
                           caption_model="none", executor="local", preview=0, report_samples=0, fetch_timeout=0.5,
-                          fetch_retries=2, respect_opt_out=respect)
+                          fetch_retries=2, **({} if respect is None else {"respect_opt_out": respect}))
         done = {}
         thread = threading.Thread(target=lambda: done.update(summary=run_build(cfg, log=lambda *_: None)))
         thread.start()
@@ -149,15 +160,20 @@ def test_build_records_fetch_failures_by_reason_and_keeps_the_rest(site, tmp_pat
     assert errors["never.jpg"]["error"] == "timeout"
     assert errors["missing.jpg"]["error"] == "http_error" and "404" in errors["missing.jpg"]["message"]
     assert "flaky.jpg" not in errors, "retried after two 503s and kept"
-    if respect:
-        assert errors["noai.jpg"]["error"] == "opted_out" and "noai" in errors["noai.jpg"]["message"]
-    else:
-        assert "noai.jpg" not in errors, "the opt-out is off by default"
+    respected = respect is None
+    for name in OPTED_OUT:
+        if respected:
+            assert errors[name]["error"] == "opted_out", name
+        else:
+            assert name not in errors, f"{name}: --no-respect-opt-out fetches it"
+    if respected:
+        assert "otherbot: noai" in errors["botnoai.jpg"]["message"] and "tdm-reservation: 1" in errors["tdm.jpg"]["message"]
+    assert "tdm0.jpg" not in errors, "tdm-reservation: 0 reserves nothing"
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["samples"] == (4 if respect else 5)
+    assert manifest["samples"] == (5 if respected else 9)
     stats = json.loads((tmp_path / "out" / "shards" / "00000_stats.json").read_text())
     assert stats["rejected"]["timeout"] == 1 and stats["rejected"]["http_error"] == 1
-    assert stats["rejected"].get("opted_out", 0) == (1 if respect else 0)
+    assert stats["rejected"].get("opted_out", 0) == (4 if respected else 0)
 
 
 # --- link-local and cloud-metadata addresses (issue 23, item 6) ---------------------------

@@ -32,9 +32,20 @@ class Annotator:
     dtype: type = np.uint8
     #: images per call when run as a batched step (a GPU actor)
     batch_size: int = 8
+    #: licence of the code that draws the map (SPDX id): OpenCV, controlnet-aux, transformers, ours
+    code_licence: ClassVar[str] = "Apache-2.0"
+    #: licence of the default weights (SPDX id, or a name and a link where there is none);
+    #: None: the annotator needs no weights
+    weights_licence: ClassVar[str | None] = None
+    #: where the default weights come from (a URL)
+    weights_source: ClassVar[str | None] = None
+    #: a condition to suggest when these weights may not be used commercially
+    permissive_alternative: ClassVar[str | None] = None
 
     def __init__(self, **params: Any):
         self.params = params
+        #: the licence and weights fingerprint each sample's json carries (set by the build)
+        self.licence_ref: dict[str, Any] = {}
 
     def setup(self) -> None:
         """Load weights; called once per worker before the first image."""
@@ -50,8 +61,40 @@ class Annotator:
         return [self(image, rng) for image, rng in zip(images, rngs)]
 
     def describe(self, used: dict[str, Any]) -> dict[str, Any]:
-        """What goes into the sample's json: settings, then the values drawn for this image."""
-        return {"annotator": type(self).__name__, "version": self.version, "params": {**self.params, **used}}
+        """What goes into the sample's json: settings, then the values drawn for this image,
+        then the licence reference (when the build has resolved it)."""
+        return {"annotator": type(self).__name__, "version": self.version, "params": {**self.params, **used},
+                **self.licence_ref}
+
+    # -- licences (stages/annotators/licences.py) ----------------------------------------------
+
+    def weights_setting(self) -> str | None:
+        """The weights this annotator loads as its setting names them (hub id or folder); None: none."""
+        return None
+
+    def weight_files(self) -> list:
+        """The files it loads (resolved local paths), for their sha256."""
+        return []
+
+    def declared_weights(self) -> tuple[str | None, str | None]:
+        """(licence, source) of the default weights of this annotator as configured."""
+        return self.weights_licence, self.weights_source
+
+    def alternative(self) -> str | None:
+        """A permissively licensed condition to suggest in its place."""
+        return self.permissive_alternative
+
+    def licence_record(self, condition: str, hash_weights: bool = True):
+        """Its code's licence, the weights it loads, their licence and source, and (when
+        `hash_weights`) each file's sha256."""
+        from .licences import LicenceRecord, sha256_files, weights_licence
+
+        weights = self.weights_setting()
+        if weights is None:
+            return LicenceRecord(condition, type(self).__name__, self.code_licence, None, None, None, {})
+        licence, source = weights_licence(weights, *self.declared_weights())
+        digests = sha256_files(self.weight_files()) if hash_weights else {}
+        return LicenceRecord(condition, type(self).__name__, self.code_licence, weights, licence, source, digests)
 
 
 def register(cls: type[Annotator]) -> type[Annotator]:

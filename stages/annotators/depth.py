@@ -20,6 +20,9 @@ class DepthModel(DetectorAnnotator):
     mode = "L"
     batch_size = 8
     cpu_batch = None  # ViT matmuls: batch 8 ran at 0.88x the time of 8 single passes on a 2-core CPU
+    #: the transformers default (method: transformers); MiDaS's own file is declared in declared_weights
+    weights_licence = "Apache-2.0"
+    weights_source = "https://huggingface.co/" + DEFAULT_TRANSFORMERS_DEPTH
 
     def __init__(self, method: str = "midas", weights: str | None = None, **common):
         if method not in ("midas", "transformers"):
@@ -33,6 +36,21 @@ class DepthModel(DetectorAnnotator):
 
     def required_files(self):
         return ("dpt_hybrid-midas-501f0c75.pt",) if self.method == "midas" else ()
+
+    def weights_setting(self):
+        return self.weights
+
+    def weight_files(self):
+        if self.method == "midas":
+            return super().weight_files()
+        from .hub_models import model_files
+
+        return model_files(self.weights)
+
+    def declared_weights(self):
+        if self.method == "midas":
+            return "MIT", "https://huggingface.co/lllyasviel/Annotators/blob/main/dpt_hybrid-midas-501f0c75.pt"  # isl-org/MiDaS
+        return super().declared_weights()
 
     def check_weights(self):
         if self.method == "midas":

@@ -84,6 +84,15 @@ class DetectorAnnotator(Annotator):
     def required_files(self) -> tuple[str, ...]:
         return self.files
 
+    def weights_setting(self) -> str | None:
+        return self.weights if self.required_files() else None
+
+    def weight_files(self) -> list:
+        if not self.required_files():
+            return []
+        folder = resolve_weight_files(self.weights, self.required_files(), self.name)
+        return [folder / name for name in self.required_files()]
+
     def check_weights(self) -> None:
         if self.required_files():
             resolve_weight_files(self.weights, self.required_files(), self.name)

@@ -16,6 +16,9 @@ class HED(DetectorAnnotator):
     mode = "L"
     batch_size = 16
     net_path = "netNetwork"  # HEDdetector and PidiNetDetector alike
+    # ControlNet 1.1's HED re-implementation and model are Apache-2.0 (the header of controlnet_aux/hed/__init__.py)
+    weights_licence = "Apache-2.0"
+    weights_source = "https://huggingface.co/lllyasviel/Annotators/blob/main/ControlNetHED.pth"
 
     def __init__(self, method: str = "hed", safe: bool = False, **common):
         if method not in FILES:
@@ -30,6 +33,14 @@ class HED(DetectorAnnotator):
         from controlnet_aux import HEDdetector, PidiNetDetector
 
         return (HEDdetector if self.method == "hed" else PidiNetDetector).from_pretrained(str(folder))
+
+    def declared_weights(self):
+        if self.method == "pidinet":  # no licence file in hellozhuo/pidinet that we could confirm
+            return "unknown", "https://huggingface.co/lllyasviel/Annotators/blob/main/table5_pidinet.pth"
+        return super().declared_weights()
+
+    def alternative(self):
+        return "hed with method: hed (Apache-2.0)" if self.method == "pidinet" else None
 
     def soft_edges(self, image: np.ndarray) -> np.ndarray:
         return fit(self.run(image, safe=self.safe), image, "L")

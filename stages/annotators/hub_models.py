@@ -17,6 +17,19 @@ def check(source: str, condition: str) -> None:
         raise _missing(source, condition, exc) from None
 
 
+def model_files(source: str) -> list:
+    """The weight files of a transformers model: in its folder, or its snapshot in the HF cache."""
+    import os
+
+    from .licences import model_files as files_in
+
+    if os.path.isdir(source):
+        return files_in(source)
+    from huggingface_hub import snapshot_download
+
+    return files_in(snapshot_download(source, local_files_only=True))
+
+
 def from_pretrained(loader: Any, source: str, condition: str) -> Any:
     try:
         return loader.from_pretrained(source)

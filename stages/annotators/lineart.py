@@ -15,6 +15,10 @@ class Lineart(DetectorAnnotator):
     mode = "L"
     files = ("sk_model.pth", "sk_model2.pth")
     batch_size = 16
+    # from carolineec/informative-drawings, which states no licence that we could confirm
+    weights_licence = "unknown"
+    weights_source = "https://huggingface.co/lllyasviel/Annotators/blob/main/sk_model.pth"
+    permissive_alternative = "lineart_standard"
 
     def __init__(self, coarse: bool = False, **common):
         super().__init__(coarse=coarse, **common)
@@ -39,6 +43,10 @@ class LineartAnime(DetectorAnnotator):
     mode = "L"
     files = ("netG.pth",)
     batch_size = 16
+    # from Mukosame/Anime2Sketch, whose licence we could not confirm
+    weights_licence = "unknown"
+    weights_source = "https://huggingface.co/lllyasviel/Annotators/blob/main/netG.pth"
+    permissive_alternative = "lineart_standard"
     cpu_batch = None  # its U-Net's deep layers are a few pixels wide: batch 8 ran at 0.63x on a 2-core CPU
     net_path = "model"
 

@@ -28,6 +28,8 @@ class MLSD(DetectorAnnotator):
     files = ("mlsd_large_512_fp32.pth",)
     batch_size = 32
     net_path = "model"
+    weights_licence = "Apache-2.0"  # navervision/mlsd
+    weights_source = "https://huggingface.co/lllyasviel/Annotators/blob/main/mlsd_large_512_fp32.pth"
 
     def __init__(self, method: str = "mlsd", score_threshold: float = 0.1, distance_threshold: float = 0.1,
                  hough_threshold: int = 80, min_line_length: int = 30, max_line_gap: int = 10, **common):

@@ -33,6 +33,8 @@ class Normal(DetectorAnnotator):
     mode = "RGB"
     batch_size = 8
     net_path = "model"
+    weights_licence = "MIT"  # baegwangbin/surface_normal_uncertainty, LICENSE
+    weights_source = "https://huggingface.co/lllyasviel/Annotators/blob/main/scannet.pt"
 
     def __init__(self, method: str = "bae", bg_threshold: float = 0.1, depth: dict | None = None, **common):
         if method not in ("bae", "from_depth"):
@@ -51,6 +53,15 @@ class Normal(DetectorAnnotator):
             self.depth_model.check_weights()
         else:
             super().check_weights()
+
+    def weights_setting(self):
+        return self.depth_model.weights_setting() if self.method == "from_depth" else super().weights_setting()
+
+    def weight_files(self):
+        return self.depth_model.weight_files() if self.method == "from_depth" else super().weight_files()
+
+    def declared_weights(self):
+        return self.depth_model.declared_weights() if self.method == "from_depth" else super().declared_weights()
 
     def setup(self):
         if self.method == "from_depth":

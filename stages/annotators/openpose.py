@@ -18,6 +18,11 @@ class OpenPose(DetectorAnnotator):
     name = "openpose"
     mode = "RGB"
     files = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
+    # "licensed by CMU for non-commercial use only" (controlnet_aux/open_pose/__init__.py; Hzzone/pytorch-openpose#30)
+    weights_licence = ("CMU OpenPose academic licence, non-commercial "
+                       "(https://github.com/CMU-Perceptual-Computing-Lab/openpose/blob/master/LICENSE)")
+    weights_source = "https://huggingface.co/lllyasviel/Annotators/blob/main/body_pose_model.pth"
+    permissive_alternative = "dwpose"
     batch_size = 16
     cpu_batch = None  # body net at 184 px: batch 8 ran at 0.94x on a 2-core CPU
     #: the body network is batched (and cast); hands and face run per person inside controlnet-aux, in fp32

@@ -75,6 +75,18 @@ class Scribble(DetectorAnnotator):
     def check_weights(self):
         self.edges.check_weights()
 
+    def weights_setting(self):
+        return self.edges.weights_setting()
+
+    def weight_files(self):
+        return self.edges.weight_files()
+
+    def declared_weights(self):
+        return self.edges.declared_weights()
+
+    def alternative(self):
+        return self.edges.alternative() and "scribble with method: hed (Apache-2.0)"
+
     def setup(self):
         self.edges.setup()
 

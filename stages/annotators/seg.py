@@ -32,6 +32,9 @@ class Segmentation(DetectorAnnotator):
     name = "seg"
     mode = "RGB"
 
+    weights_licence = "MIT"  # the model card of openmmlab/upernet-convnext-small
+    weights_source = "https://huggingface.co/" + DEFAULT_SEG_MODEL
+
     def __init__(self, weights: str = DEFAULT_SEG_MODEL, **common):
         super().__init__(weights=weights, **common)
         self.processor = None
@@ -40,6 +43,14 @@ class Segmentation(DetectorAnnotator):
         from .hub_models import check
 
         check(self.weights, self.name)
+
+    def weights_setting(self):
+        return self.weights
+
+    def weight_files(self):
+        from .hub_models import model_files
+
+        return model_files(self.weights)
 
     def setup(self):
         if self.model is None:

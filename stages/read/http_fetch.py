@@ -1,7 +1,8 @@
 """Fetching one image over HTTP(S) the way a crawler must: connect and read timeouts, a
 deadline for the whole body (a server that trickles bytes cannot hold a worker), retries
 with backoff for transient failures only, a user agent naming the tool, and optionally
-the `X-Robots-Tag: noai` / `noimageai` opt-out that img2dataset honours. No connection
+the opt-outs img2dataset honours (`X-Robots-Tag: noai` / `noimageai`) and the TDM
+Reservation Protocol's `tdm-reservation: 1` header, on by default. No connection
 reaches a link-local or cloud-metadata address (address_guard), redirects included.
 
 Failures raise FetchError with a reason name the build records in errors.jsonl and the
@@ -29,7 +30,7 @@ class HttpOptions:
     retries: int = 2  # further tries after a transient failure
     backoff: float = 0.5  # seconds before the first retry, doubled each time
     user_agent: str = USER_AGENT
-    respect_opt_out: bool = False  # skip responses with X-Robots-Tag noai / noimageai
+    respect_opt_out: bool = True  # skip responses with X-Robots-Tag noai / noimageai or tdm-reservation: 1
     max_bytes: int = 100 * 1024 * 1024
     allow_addresses: tuple[str, ...] = ()  # CIDR ranges opened through the address guard
 
@@ -67,10 +68,18 @@ def _session(guard: AddressGuard):
     return sessions[guard]
 
 
-def opted_out(headers) -> bool:
-    """X-Robots-Tag carries noai or noimageai (alone, in a list, or after a bot name)."""
-    tokens = set(re.split(r"[\s,:]+", (headers.get("X-Robots-Tag", "") if headers else "").lower()))
-    return any(token in tokens for token in OPT_OUT_TOKENS)
+def opted_out(headers) -> str | None:
+    """The header that opts the image out of AI training, or None: X-Robots-Tag with noai or
+    noimageai (alone, in a list, or after any bot's name: honoured whichever bot it names),
+    or the TDM Reservation Protocol's `tdm-reservation: 1` (W3C TDMRep)."""
+    if not headers:
+        return None
+    robots = headers.get("X-Robots-Tag", "")
+    if any(token in OPT_OUT_TOKENS for token in re.split(r"[\s,:]+", robots.lower())):
+        return f"X-Robots-Tag: {robots}"
+    if headers.get("tdm-reservation", "").strip() == "1":
+        return "tdm-reservation: 1"
+    return None
 
 
 def _get_once(url: str, options: HttpOptions) -> bytes:
@@ -93,8 +102,9 @@ def _get_once(url: str, options: HttpOptions) -> bytes:
         if response.status_code >= 400:
             raise FetchError("http_error", f"HTTP {response.status_code} {response.reason or ''}".strip(),
                              response.status_code in TRANSIENT_STATUS)
-        if options.respect_opt_out and opted_out(response.headers):
-            raise FetchError("opted_out", f"X-Robots-Tag: {response.headers.get('X-Robots-Tag')}")
+        why = opted_out(response.headers) if options.respect_opt_out else None
+        if why:
+            raise FetchError("opted_out", f"{why} (--no-respect-opt-out fetches it anyway)")
         chunks, size = [], 0
         try:
             for chunk in response.iter_content(64 * 1024):
