@@ -43,8 +43,9 @@ def upernet_convnext_small(folder: Path) -> Path:
     return folder
 
 
-def cases(weights: Path, seg: Path, size: int) -> dict[str, tuple[str, dict]]:
+def cases(weights: Path, seg: Path, size: int, extra: dict[str, Path] | None = None) -> dict[str, tuple[str, dict]]:
     common = {"weights": str(weights), "detect_resolution": size}
+    extra = extra or {}
     return {
         "canny": ("canny", {}),
         "mlsd (M-LSD)": ("mlsd", common),
@@ -61,6 +62,15 @@ def cases(weights: Path, seg: Path, size: int) -> dict[str, tuple[str, dict]]:
         "lineart": ("lineart", common),
         "lineart (coarse)": ("lineart", {**common, "coarse": True}),
         "lineart_anime": ("lineart_anime", common),
+        "lineart_standard": ("lineart_standard", {"detect_resolution": size}),
+        "shuffle": ("shuffle", {"detect_resolution": size}),
+        "face_mesh (real weights)": ("face_mesh", {"detect_resolution": size}),
+        "teed": ("teed", {"weights": str(extra.get("ted", weights)), "detect_resolution": size}),
+        "anyline (detect 512)": ("anyline", {"weights": str(extra.get("ted", weights)), "detect_resolution": size}),
+        "depth_anything (V2 Small)": ("depth_anything", {"weights": str(extra.get("depth_anything", weights))}),
+        # tiny stand-in ONNX networks (tests/test_dwpose.py): times the code around DWPose's networks only
+        "dwpose (stand-in networks)": ("dwpose", {"weights": str(extra.get("dwpose", weights)),
+                                                  "detect_resolution": size}),
     }
 
 
@@ -85,6 +95,14 @@ def main() -> None:
     for kind in KINDS:
         write_random_weights(kind, work / "aux")
     seg = upernet_convnext_small(work / "upernet") if not only or any(o.startswith("seg") for o in only) else work
+    from new_annotator_weights import make_tiny_depth_anything, write_ted_weights
+    from test_dwpose import write_weights as write_dwpose_stand_ins
+
+    for kind in ("teed", "anyline"):
+        write_ted_weights(kind, work / "ted")
+    write_dwpose_stand_ins(work / "dwpose")
+    extra = {"ted": work / "ted", "dwpose": work / "dwpose",
+             "depth_anything": make_tiny_depth_anything(work / "depth_anything", small=True)}
     photos = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry")
     images = [np.asarray(Image.fromarray(getattr(skimage.data, photos[i % len(photos)])()).convert("RGB")
                          .resize((args.size, args.size)).rotate(90 * (i // len(photos)))) for i in range(args.batch)]
@@ -92,7 +110,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\n{args.size} px, device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats}")
     print(f"{'annotator':<30} {'ms / image':>10} {f'batch {args.batch} / 1-by-1':>18}")
-    for label, (name, params) in cases(work / "aux", seg, args.size).items():
+    for label, (name, params) in cases(work / "aux", seg, args.size, extra).items():
         if only and not any(label.startswith(o) for o in only):
             continue
         annotator = create([name], {name: params} if params else {})[name]

@@ -140,6 +140,23 @@ def test_depth_options_transformers_and_16_bit(hf_models, aux_weights):
     assert normal.shape == (64, 80, 3)
 
 
+def test_openpose_draws_a_found_persons_hands(aux_weights, monkeypatch):
+    """With hands on, a person's hands are drawn by controlnet-aux's draw_handpose, which
+    imports matplotlib: before matplotlib was a dependency this raised ModuleNotFoundError
+    as soon as anybody was found (random weights find nobody, so detection is stood in for)."""
+    from controlnet_aux.open_pose import BodyResult, Keypoint, PoseResult
+
+    annotator = create(["openpose"], {"openpose": {"weights": str(aux_weights), "detect_resolution": 64,
+                                                   "hands": True}})["openpose"]
+    annotator.setup()
+    body = BodyResult([Keypoint(0.5, 0.2 + 0.03 * i) for i in range(18)], 1.0, 18)
+    hand = [Keypoint(0.2 + 0.01 * i, 0.7 + 0.005 * i) for i in range(21)]
+    monkeypatch.setattr(annotator.model, "detect_poses", lambda *a, **k: [PoseResult(body, hand, None, None)])
+    drawn, used = annotator(np.zeros((64, 64, 3), np.uint8), np.random.default_rng(0))
+    assert used["persons"] == 1 and drawn.shape == (64, 64, 3)
+    assert drawn[40:60, 8:30].any(), "the hand, around (0.2-0.4, 0.7-0.8) of the picture, is drawn"
+
+
 def test_openpose_without_a_person_is_kept_or_dropped_by_flag(aux_weights):
     from stages.transform.decode import Rejected
 
@@ -167,6 +184,10 @@ def test_missing_weights_name_the_file_and_the_setting(tmp_path):
     seg = create(["seg"], {"seg": {"weights": str(tmp_path / "no-model")}})["seg"]
     with pytest.raises(MissingWeightsError, match="seg"):
         seg.check_weights()
+    for name, params in (("seg", {}), ("depth", {"method": "transformers"})):  # an existing but empty folder:
+        empty = create([name], {name: {**params, "weights": str(tmp_path)}})[name]  # transformers 5's cached_file
+        with pytest.raises(MissingWeightsError, match=f"no config.json in {tmp_path}"):  # returns None there
+            empty.check_weights()
 
 
 class _Exploit:

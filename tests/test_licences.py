@@ -73,17 +73,37 @@ def test_a_folder_takes_its_model_card_licence_else_unknown(tmp_path, hed_folder
     assert record.weights_sha256 == {"ControlNetHED.pth": expected}
 
 
-def test_commercial_policy_refuses_openpose_before_any_work(photos, monkeypatch):
+def test_commercial_policy_refuses_openpose_before_any_work_and_suggests_dwpose(photos, monkeypatch):
     cfg = _config(photos, conditions=["canny", "openpose"], licence_policy="commercial")
     with pytest.raises(BuildError) as caught:
         run_build(cfg, **QUIET)
     message = str(caught.value)
     assert "openpose: its weights lllyasviel/Annotators" in message and "CMU OpenPose academic licence" in message
-    assert "canny" not in message.split("refuses", 1)[1] and "instead" not in message, "dwpose is not here to suggest"
+    assert message.endswith("use dwpose instead") and "canny" not in message.split("refuses", 1)[1]
     assert not (photos / "out").exists(), "refused before the output folder was touched"
-    monkeypatch.setitem(REGISTRY, "dwpose", REGISTRY["canny"])  # once a permissive alternative is installed
-    with pytest.raises(BuildError, match="use dwpose instead"):
+    monkeypatch.delitem(REGISTRY, "dwpose")  # an install without the alternative: nothing to suggest
+    with pytest.raises(BuildError) as caught:
         run_build(cfg, **QUIET)
+    assert "instead" not in str(caught.value)
+
+
+def test_commercial_policy_builds_with_dwpose(photos, tmp_path):
+    """The default DWPose weights (yzd-v/DWPose) are Apache-2.0; a folder of them with its
+    model card builds under the policy (random stand-in ONNX files: plumbing only)."""
+    from pipeline import licences
+    from test_dwpose import write_weights
+
+    licences.enforce("commercial", create(["dwpose"]))
+    folder = tmp_path / "dwpose"
+    write_weights(folder)
+    params = {"dwpose": {"weights": str(folder), "detect_resolution": 64}}
+    cfg = _config(photos, conditions=["dwpose"], annotator_params=params, licence_policy="commercial")
+    with pytest.raises(BuildError, match="dwpose: its weights .* are licensed unknown"):
+        run_build(cfg, **QUIET)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    run_build(cfg, **QUIET)
+    record = json.loads((photos / "out" / "manifest.json").read_text())["licences"]["dwpose"]
+    assert record["commercial"] and sorted(record["weights_sha256"]) == ["dw-ll_ucoco_384.onnx", "yolox_l.onnx"]
 
 
 def test_commercial_policy_runs_permissive_conditions_and_records_everything(photos, hed_folder):

@@ -12,9 +12,11 @@ def check(source: str, condition: str) -> None:
     from transformers.utils import cached_file
 
     try:
-        cached_file(source, "config.json")
+        found = cached_file(source, "config.json")
     except (OSError, ValueError) as exc:
         raise _missing(source, condition, exc) from None
+    if found is None:  # transformers 5 returns None for a local folder without the file
+        raise _missing(source, condition, FileNotFoundError(f"no config.json in {source}"))
 
 
 def model_files(source: str) -> list:
