@@ -8,7 +8,7 @@ import numpy as np
 
 from .base import AnnotatorError, register
 from .detector import DetectorAnnotator
-from .hub_models import from_pretrained
+from .hub_models import load_model
 
 DEFAULT_TRANSFORMERS_DEPTH = "Intel/dpt-hybrid-midas"
 
@@ -62,15 +62,9 @@ class DepthModel(DetectorAnnotator):
     def setup(self):
         if self.method == "midas":
             return super().setup()
-        if self.model is None:
-            from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-            from .weights import torch_device
-
-            self.processor = from_pretrained(AutoImageProcessor, self.weights, self.name)
-            self.device = torch_device(self.device)
-            self.model = from_pretrained(AutoModelForDepthEstimation, self.weights, self.name).to(self.device).eval()
-            self.cast()
+        load_model(self, AutoImageProcessor, AutoModelForDepthEstimation)
 
     def load(self, folder):
         from controlnet_aux import MidasDetector

@@ -32,6 +32,19 @@ def model_files(source: str) -> list:
     return files_in(snapshot_download(source, local_files_only=True))
 
 
+def load_model(annotator: Any, processor_class: Any, model_class: Any) -> None:
+    """A transformers annotator's processor and model, loaded once from its `weights`,
+    on its device and in its precision (its `cast`)."""
+    if annotator.model is not None:
+        return
+    from .weights import torch_device
+
+    annotator.processor = from_pretrained(processor_class, annotator.weights, annotator.name)
+    annotator.device = torch_device(annotator.device)
+    annotator.model = from_pretrained(model_class, annotator.weights, annotator.name).to(annotator.device).eval()
+    annotator.cast()
+
+
 def from_pretrained(loader: Any, source: str, condition: str) -> Any:
     try:
         return loader.from_pretrained(source)

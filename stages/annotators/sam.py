@@ -37,7 +37,7 @@ import numpy as np
 
 from .base import AnnotatorError, register
 from .detector import DetectorAnnotator
-from .hub_models import from_pretrained
+from .hub_models import load_model
 
 DEFAULT_SAM_MODEL = "nielsr/slimsam-50-uniform"
 #: masks binarised at this logit (SAM's mask_threshold) and the stability score's offset
@@ -110,15 +110,9 @@ class SegmentAnything(DetectorAnnotator):
         check(self.weights, self.name)
 
     def setup(self):
-        if self.model is None:
-            from transformers import SamModel, SamProcessor
+        from transformers import SamModel, SamProcessor
 
-            from .weights import torch_device
-
-            self.processor = from_pretrained(SamProcessor, self.weights, self.name)
-            self.device = torch_device(self.device)
-            self.model = from_pretrained(SamModel, self.weights, self.name).to(self.device).eval()
-            self.cast()
+        load_model(self, SamProcessor, SamModel)
 
     # -- the map -----------------------------------------------------------------------------
 

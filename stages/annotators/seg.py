@@ -11,7 +11,7 @@ import numpy as np
 
 from .base import register
 from .detector import DetectorAnnotator
-from .hub_models import from_pretrained
+from .hub_models import load_model
 
 DEFAULT_SEG_MODEL = "openmmlab/upernet-convnext-small"
 
@@ -53,15 +53,9 @@ class Segmentation(DetectorAnnotator):
         return model_files(self.weights)
 
     def setup(self):
-        if self.model is None:
-            from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
+        from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
 
-            from .weights import torch_device
-
-            self.processor = from_pretrained(AutoImageProcessor, self.weights, self.name)
-            self.device = torch_device(self.device)
-            self.model = from_pretrained(UperNetForSemanticSegmentation, self.weights, self.name).to(self.device).eval()
-            self.cast()
+        load_model(self, AutoImageProcessor, UperNetForSemanticSegmentation)
 
     def annotate_batch(self, images, rngs):
         """One forward pass for the batch: UperNet takes batches as they are."""
