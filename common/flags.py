@@ -44,6 +44,10 @@ def _json_object(text: str) -> dict:
     return value
 
 
+#: flags that say how a command runs or reports, not what it does: never config fields
+NOT_CONFIG = ("config", "func", "command", "debug")
+
+
 def overrides_from(args: argparse.Namespace) -> dict[str, typing.Any]:
     """The config fields a parsed command line sets (None = not given)."""
-    return {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
+    return {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}

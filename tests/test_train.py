@@ -172,6 +172,7 @@ def test_two_processes_under_torchrun_and_two_ray_train_workers_agree(setup, tmp
     ddp = json.loads((tmp_path / "ddp" / "train_state.json").read_text())
     assert ddp["world_size"] == 2 and ddp["global_step"] == 3 and len(set(ddp["rank_checksums"])) == 1
 
+    from common.flags import overrides_from
     from pipeline.config import load_config
     from train.cli import add_arguments
     from train.ray_train import train_on_ray
@@ -181,7 +182,7 @@ def test_two_processes_under_torchrun_and_two_ray_train_workers_agree(setup, tmp
     add_arguments(parser)
     args = parser.parse_args(["--ray", "--num-workers", "2", "--gpus-per-worker", "0",
                               *_distributed_args(setup, tmp_path / "ray")])
-    cfg = load_config(None, {k: v for k, v in vars(args).items() if k != "config"}, TrainConfig)
+    cfg = load_config(None, overrides_from(args), TrainConfig)  # --debug and --config are not config fields
     train_on_ray(cfg, log=lambda *_: None)
     on_ray = json.loads((tmp_path / "ray" / "train_state.json").read_text())
     assert on_ray["world_size"] == 2 and len(set(on_ray["rank_checksums"])) == 1

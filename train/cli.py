@@ -40,7 +40,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     from .trainer import TrainError, train
 
-    overrides = {k: v for k, v in overrides_from(args).items() if k != "debug"}
+    overrides = overrides_from(args)
     cfg = None
     try:
         cfg = load_config(args.config, overrides, model=TrainConfig)
