@@ -37,7 +37,8 @@ from stages.models.captioner import CaptionModelError  # noqa: E402
 from stages.read.listing import open_listing  # noqa: E402
 from stages.read.readers import InputError  # noqa: E402
 from stages.shards import consolidate, manifest as index  # noqa: E402
-from stages.shards.layout import SCHEMA_VERSION, SHARDS_DIR, tar_path  # noqa: E402
+from stages.shards.layout import (EMPTY_TEXT, EMPTY_TEXT_POOLED, SCHEMA_VERSION, SHARDS_DIR,  # noqa: E402
+                                  tar_path)
 from stages.shards.lock import BuildLock, LockedError  # noqa: E402
 from stages.shards.output import Output  # noqa: E402
 
@@ -73,7 +74,7 @@ def _check_resumable(manifest: dict[str, Any], cfg: BuildConfig, listing) -> Non
 def _clear_output(out: Output) -> None:
     """--overwrite removes only what a build writes, never other files in the folder."""
     for name in (SHARDS_DIR, "manifest.json", "errors.jsonl", "wids-index.json", "preview.png", "report.html",
-                 "report"):
+                 "report", EMPTY_TEXT, EMPTY_TEXT_POOLED):
         out.remove(name)
 
 
@@ -206,6 +207,8 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
             LatentEncoder(cfg.latents, "cpu").setup()
         except ValueError as exc:
             raise BuildError(str(exc)) from None
+    if cfg.text_embeddings:  # a wrong model fails here, named; the empty prompt's, once, beside the manifest
+        _write_empty_text(cfg, out, manifest, todo_any)
     if todo_any:
         for annotator in annotators.values():
             annotator.check_weights()  # a missing file fails here, named, before any work
@@ -258,6 +261,28 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     return summary
 
 
+def _write_empty_text(cfg: BuildConfig, out: Output, manifest: dict[str, Any], todo_any: bool) -> None:
+    """`--text-embeddings`: the base's text encoders load here (on the CPU) before any shard, so
+    a wrong model fails at once, and encode the empty prompt into text_embeddings_empty.npy
+    (and _pooled) beside manifest.json: a trainer's prompt dropout then needs no encoder."""
+    from stages.steps import TextEmbeddingSettings
+    from train.families import FamilyError
+    from train.text_embeddings import PromptEncoder
+
+    if not todo_any and out.exists(EMPTY_TEXT):
+        return
+    encoder = PromptEncoder(TextEmbeddingSettings(cfg.text_embeddings), "cpu")
+    try:
+        files = encoder.empty()
+    except (FamilyError, OSError, ValueError) as exc:
+        raise BuildError(f"--text-embeddings {cfg.text_embeddings}: {exc}") from None
+    for name, data in files.items():
+        out.write_atomic(name, data)
+    manifest["text_embeddings"] = {"model": cfg.text_embeddings, "family": encoder.family.NAME,
+                                   "empty": sorted(files)}
+    index.save_manifest(out, manifest)
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """`--config YAML`, then one flag per BuildConfig field (its help and default come from
     the field), plus `--num-gpus`, the short name of --caption-num-gpus."""
@@ -273,7 +298,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     overrides = overrides_from(args)
-    overrides.pop("debug", None)  # how to report, not what to build
     return load_config(args.config, overrides)
 
 

@@ -24,7 +24,7 @@ CONTENT_FIELDS = (
     "samples_per_shard", "caption_model", "caption_prompt", "caption_max_tokens",
     "caption_beams", "keep_captions", "seed", "jpeg_quality", "annotator_params",
     "min_condition_coverage", "near_duplicates", "min_depth_std", "latents", "min_clip_score", "clip_model",
-    "annotator_dtype",
+    "annotator_dtype", "text_embeddings",
 )
 
 
@@ -74,6 +74,9 @@ class BuildConfig(BaseModel):
                                                         "(JSON on the command line)")
     latents: str | None = Field(None, description="a base model (diffusers folder or hub id) whose VAE encodes each "
                                 "stored image into KEY.latents.npy, so training skips the VAE encoder")
+    text_embeddings: str | None = Field(None, description="a base model (diffusers folder or hub id; SD 1.x/2.x or "
+                                        "SDXL) whose text encoders encode each caption into KEY.text.npy (and "
+                                        "KEY.text_pooled.npy), so training never loads them")
     min_condition_coverage: float | None = Field(None, ge=0, le=1, description="reject a sample when a condition "
                                                  "map has less than this share of non-zero pixels (empty_condition)")
     min_clip_score: float | None = Field(None, ge=0, le=100, description="reject samples whose CLIP image-caption "

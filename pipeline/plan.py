@@ -1,10 +1,10 @@
 """The build's plan: from a BuildConfig, where each model runs (one decision, made here)
 and the list of steps with their own settings. This is the list the executors run.
 
-    read_decode -> [caption] -> [clip_gate] -> [encode_latents] -> annotate_and_write
+    read_decode -> [caption] -> [clip_gate] -> [encode_latents] -> [encode_text] -> annotate_and_write
 
-Decode first, then the model steps that read only the JPEGs (captioner, CLIP gate, VAE
-latents), then the step that makes every condition map and writes the shard: on a CPU
+Decode first, then the model steps that read only the JPEGs and captions (captioner, CLIP
+gate, VAE latents, prompt embeddings), then the step that makes every condition map and writes the shard: on a CPU
 task, or with GPUs as the actor that holds the network annotators (the CPU annotators
 run there too). So the models see no samples a cheaper gate would drop, and condition
 maps never cross a task boundary.
@@ -19,7 +19,8 @@ from stages.annotators import Annotator, create as create_annotators
 from stages.read.http_fetch import HttpOptions
 from stages.read.readers import InputRef
 from stages.steps import (AnnotateAndWrite, Annotation, AnnotationSettings, Caption, CaptionPolicy, CaptionSettings,
-                          ClipGate, ClipGateSettings, EncodeLatents, ReadDecode, ReadSettings, Step, WriteSettings)
+                          ClipGate, ClipGateSettings, EncodeLatents, EncodeText, ReadDecode, ReadSettings, Step,
+                          TextEmbeddingSettings, WriteSettings)
 from stages.transform.decode import ResizeSpec
 
 
@@ -88,6 +89,10 @@ def make_steps(cfg: BuildConfig, placement: Placement = Placement(),
         steps.append(ClipGate(ClipGateSettings(cfg.clip_model, cfg.min_clip_score, cfg.annotator_dtype), model_gpus))
     if cfg.latents:
         steps.append(EncodeLatents(cfg.latents, model_gpus))
+    if cfg.text_embeddings:  # the training family's own encoder (train/ is below this floor; stages/ is not)
+        from train.text_embeddings import PromptEncoder
+
+        steps.append(EncodeText(TextEmbeddingSettings(cfg.text_embeddings), PromptEncoder, model_gpus))
     on_gpu = {n: a for n, a in annotators.items() if a.uses_model} if placement.annotator_gpus else {}
     on_cpu = {n: a for n, a in annotators.items() if n not in on_gpu}
     gates = AnnotationSettings(cfg.seed, cfg.min_depth_std, cfg.min_condition_coverage)

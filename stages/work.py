@@ -38,6 +38,9 @@ class Sample:
     bucket: tuple[int, int] | None = None  # (width, height) aspect bucket, keep_ratio builds
     latents_info: dict[str, Any] | None = None
     caption_precision: str | None = None  # the precision BLIP ran in, when it made the caption
+    text_embeddings: bytes | None = None  # KEY.text.npy (build --text-embeddings)
+    text_pooled: bytes | None = None  # KEY.text_pooled.npy (families with a pooled embedding)
+    text_info: dict[str, Any] | None = None
 
 
 @dataclass

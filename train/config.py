@@ -51,6 +51,9 @@ class TrainConfig(BaseModel):
                           "one size) instead of square crops")
     cached_latents: bool = Field(True, description="use the shards' KEY.latents.npy when they were made with this "
                                  "base's VAE at this resolution (no VAE encoder in the loop); false = always encode")
+    cached_text_embeddings: bool = Field(True, description="use the shards' prompt embeddings (KEY.text.npy, build "
+                                         "--text-embeddings) when they were made with this base: its text encoders "
+                                         "are then never loaded; false = always encode the prompts")
 
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more than this share of the samples "
                                     "read so far was unreadable (each one is counted per shard and skipped; judged from the 100th sample on)")

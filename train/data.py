@@ -118,11 +118,12 @@ class Augment:
     """One seeded RNG per (rank, worker): the stream is a function of the seed alone."""
 
     def __init__(self, condition: str, resolution: int, flip: bool, seed: int, latents: bool = False,
-                 buckets: bool = False, bad=None):
+                 buckets: bool = False, bad=None, text: bool | str = False):
         self.condition, self.resolution, self.flip, self.seed = condition, resolution, flip, seed
         self.bad = bad  # a BadSamples: samples missing a member (a shard cut short) are counted; None: an error
         self.latents = latents  # pass KEY.latents.npy through (the image is then not cropped or flipped)
         self.buckets = buckets  # crop to the sample's recorded aspect bucket instead of a square
+        self.text = text  # pass KEY.text.npy (and KEY.text_pooled.npy: "pooled") through: cached prompt embeddings
 
     def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
@@ -130,7 +131,9 @@ class Augment:
         rng = random.Random(self.seed * 1_000_003 + rank * 1009 + (worker.id if worker else 0))
         member = f"{self.condition}.png"
         for sample in source:
-            missing = [m for m in ("jpg", member, *(("latents.npy",) if self.latents else ())) if m not in sample]
+            missing = [m for m in ("jpg", member, *(("latents.npy",) if self.latents else ()),
+                                   *(("text.npy",) if self.text else ()),
+                                   *(("text_pooled.npy",) if self.text == "pooled" else ())) if m not in sample]
             if missing and self.bad is not None:
                 self.bad.add(sample.get("__url__"), f"sample {sample.get('__key__')} has no {', '.join(missing)}")
                 continue
@@ -150,6 +153,13 @@ class Augment:
                     raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no latents.npy, "
                                    f"though the run uses cached latents (pass --no-cached-latents)")
                 item["latents"] = torch.from_numpy(np.asarray(sample["latents.npy"], dtype=np.float32))
+            if self.text:
+                if "text.npy" not in sample:
+                    raise KeyError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no text.npy, "
+                                   f"though the run uses cached prompt embeddings (pass --no-cached-text-embeddings)")
+                item["text_embeds"] = torch.from_numpy(np.asarray(sample["text.npy"], dtype=np.float32))
+                if "text_pooled.npy" in sample:
+                    item["text_pooled"] = torch.from_numpy(np.asarray(sample["text_pooled.npy"], dtype=np.float32))
             yield item
 
 
@@ -213,8 +223,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
              "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]),
              "text": [s["text"] for s in samples]}
-    if all("latents" in s for s in samples):
-        batch["latents"] = torch.stack([s["latents"] for s in samples])
+    for name in ("latents", "text_embeds", "text_pooled"):
+        if all(name in s for s in samples):
+            batch[name] = torch.stack([s[name] for s in samples])
     if all("original_size" in s for s in samples):
         batch["sizes"] = {"original_size": torch.stack([s["original_size"] for s in samples]),
                           "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
@@ -240,7 +251,7 @@ class SkipBatches:
 
 def make_dataset(urls: list[str], condition: str, resolution: int, batch_size: int, seed: int,
                  shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0, latents: bool = False,
-                 buckets: bool = False, max_bad_fraction: float = 0.01):
+                 buckets: bool = False, max_bad_fraction: float = 0.01, text: bool | str = False):
     """Unreadable members and samples are skipped and counted per shard (train/bad_samples.py);
     each batch carries the counts since the one before under bad_samples.KEY."""
     import webdataset as wds
@@ -254,7 +265,7 @@ def make_dataset(urls: list[str], condition: str, resolution: int, batch_size: i
         wds.tarfile_to_samples(handler=bad.handler),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
         bad.decode,
-        Augment(condition, resolution, flip and not latents, seed, latents, buckets, bad=bad),
+        Augment(condition, resolution, flip and not latents, seed, latents, buckets, bad=bad, text=text),
         BucketBatches(batch_size) if buckets else wds.batched(batch_size, collation_fn=collate, partial=False),
         bad.attach,
         SkipBatches(skip_batches),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import families
+from . import families, text_embeddings
 from .bad_samples import BadDataError, BadSampleTally
 from .checkpoints import latest_complete, load_rank_state, read_state, save_checkpoint, save_model_atomic
 from .config import TrainConfig
@@ -33,9 +33,13 @@ class PromptDropout:
         self.rate = rate
         self.generator = torch.Generator().manual_seed(seed)
 
+    def drops(self, n: int) -> list[bool]:
+        """Which of `n` prompts are dropped this step (cached embeddings: replaced by the
+        stored empty-prompt one); the same draws as `__call__`."""
+        return (torch.rand(n, generator=self.generator) < self.rate).tolist()
+
     def __call__(self, prompts: list[str]) -> list[str]:
-        drop = torch.rand(len(prompts), generator=self.generator) < self.rate
-        return ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        return ["" if d else p for p, d in zip(prompts, self.drops(len(prompts)))]
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -95,8 +99,9 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     urls = expand_shards(cfg.shards) if not cfg.dataset else []
     try:
-        frozen = families.load(cfg.pretrained_model, weight_dtype)
-        family = frozen.family
+        family = families.detect(cfg.pretrained_model)
+        cached, text_why = _cached_text(urls, cfg, family)
+        frozen = family.load(cfg.pretrained_model, weight_dtype, text=cached is None)  # cached: no text encoders
         family.check_resolution(frozen, cfg.resolution)
         family.check_settings(frozen, cfg)
         controlnet = family.make_controlnet(frozen, cfg.controlnet, cfg.controlnet_init)
@@ -106,6 +111,14 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         raise TrainError(str(exc)) from None
     vae, denoiser = frozen.vae, frozen.denoiser
     log(f"base model: {frozen.family.NAME} ({cfg.pretrained_model})")
+    if cached is not None and (misfit := text_embeddings.fit_base(cached, frozen)):
+        cached, text_why = None, misfit
+        frozen.tokenizers, frozen.text_encoders = families.load_text(family, cfg.pretrained_model, weight_dtype)
+    if cached is not None:
+        frozen.empty_text = cached.empty
+        log(f"using {cached.describe()}: the text encoders are not loaded")
+    elif text_why:
+        log(f"encoding prompts with the text encoders ({text_why})")
     controlnet.train()
     params = [{"params": list(controlnet.parameters()), "lr": cfg.learning_rate}]
     if cfg.unlock_decoder:  # the reference code's sd_locked=False: decoder trains too, at its own lr
@@ -171,11 +184,17 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                  global_step * cfg.gradient_accumulation_steps)
     dataset = (make_hf_dataset(cfg.dataset, *data_args) if cfg.dataset
                else make_dataset(urls, *data_args, latents=use_latents, buckets=cfg.buckets,
-                                 max_bad_fraction=cfg.max_bad_fraction))
+                                 max_bad_fraction=cfg.max_bad_fraction,
+                                 text=cached is not None and ("pooled" if "pooled_shape" in cached.info else True)))
     loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
     validation_urls = expand_shards(cfg.validation_shards) if cfg.validation_shards else urls
-    validation = (_validation_batch(validation_urls, cfg) if validation_urls and cfg.num_validation_images
-                  and accelerator.is_main_process else None)
+    validation = (_validation_batch(validation_urls, cfg, text=cached is not None) if validation_urls
+                  and cfg.num_validation_images and accelerator.is_main_process else None)
+    if validation is not None and cached is not None and "text_embeds" not in validation:
+        log("the validation samples hold no prompt embeddings of this base: loading the text encoders for validation")
+        frozen.tokenizers, frozen.text_encoders = families.load_text(family, cfg.pretrained_model, weight_dtype)
+        for module in frozen.text_encoders:
+            module.to(device)
     tracker = _controllability_tracker(cfg) if validation is not None else None
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
@@ -259,7 +278,18 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
             "bad_samples": {**tally.state_dict(), "per_shard": bad_per_shard}, "skipped_steps": skipped_steps,
             "models": {"controlnet": accelerator.unwrap_model(controlnet),
                        "denoiser": accelerator.unwrap_model(denoiser),
-                       "vae": vae, "text_encoder": frozen.text_encoders[0], "frozen": frozen}}
+                       "vae": vae, "text_encoder": frozen.text_encoders[0] if frozen.text_encoders else None,
+                       "frozen": frozen}}
+
+
+def _cached_text(urls: list[str], cfg: TrainConfig, family) -> tuple[Any, str]:
+    """The shards' cached prompt embeddings when they fit this base (then its text encoders
+    are not loaded), else None; and why not ('' when there is nothing to say)."""
+    if not urls:
+        return None, ""
+    if not cfg.cached_text_embeddings:
+        return None, "--no-cached-text-embeddings"
+    return text_embeddings.cached_text(urls, cfg.pretrained_model, family)
 
 
 def _batches(loader):
@@ -336,8 +366,10 @@ def _tracker_available(name: str) -> bool:
     return importlib.util.find_spec("tensorboard" if name == "tensorboard" else "wandb") is not None
 
 
-def _validation_batch(urls: list[str], cfg: TrainConfig) -> dict[str, Any]:
-    """Fixed validation conditions: the first samples of the first shard, centre-cropped."""
+def _validation_batch(urls: list[str], cfg: TrainConfig, text: bool = False) -> dict[str, Any]:
+    """Fixed validation conditions: the first samples of the first shard, centre-cropped;
+    `text`: with their stored prompt embeddings (`text_embeds`, `text_pooled`) when every
+    one has them (the run has no text encoders)."""
     import random
 
     import numpy as np
@@ -350,11 +382,21 @@ def _validation_batch(urls: list[str], cfg: TrainConfig) -> dict[str, Any]:
         image, cond = joint_crop_flip(np.asarray(sample["jpg"].convert("RGB")),
                                       np.asarray(sample[f"{cfg.condition}.png"].convert("RGB")),
                                       cfg.resolution, random.Random(0), False)
-        samples.append({**dict(zip(("pixel_values", "conditioning_pixel_values"), to_tensors(image, cond))),
-                        "text": sample.get("txt", "")})
+        item = {**dict(zip(("pixel_values", "conditioning_pixel_values"), to_tensors(image, cond))),
+                "text": sample.get("txt", "")}
+        if text and "text.npy" in sample and _same_text_model(sample.get("json"), cfg.pretrained_model):
+            item["text_embeds"] = torch.from_numpy(np.asarray(sample["text.npy"], dtype=np.float32))
+            if "text_pooled.npy" in sample:
+                item["text_pooled"] = torch.from_numpy(np.asarray(sample["text_pooled.npy"], dtype=np.float32))
+        samples.append(item)
         if len(samples) >= cfg.num_validation_images:
             break
     return collate(samples)
+
+
+def _same_text_model(meta: Any, pretrained: str) -> bool:
+    info = (json.loads(meta) if isinstance(meta, (bytes, str)) else meta or {}).get("text_embeddings") or {}
+    return bool(info) and text_embeddings.same_model(info.get("model"), pretrained)
 
 
 def run_validation(batch, cfg, accelerator, frozen, denoiser, controlnet, step, dtype) -> list:
@@ -371,7 +413,10 @@ def run_validation(batch, cfg, accelerator, frozen, denoiser, controlnet, step, 
                   for c in batch["conditioning_pixel_values"]]
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
     with torch.autocast(accelerator.device.type, enabled=dtype != torch.float32):
-        images = pipe(prompt=batch["text"], **{family.CONTROL_IMAGE_ARG: conditions},
+        prompts = ({"prompt": batch["text"]} if frozen.text_encoders else  # else the stored embeddings
+                   family.cached_prompt_args(frozen, pipe, batch["text_embeds"], batch.get("text_pooled"),
+                                             accelerator.device))
+        images = pipe(**prompts, **{family.CONTROL_IMAGE_ARG: conditions},
                       num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
                       generator=generator, height=cfg.resolution, width=cfg.resolution,
                       **family.EXTRA_PIPELINE_ARGS).images

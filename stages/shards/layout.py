@@ -24,3 +24,11 @@ def tar_path(shard: str) -> str:
 
 def stats_path(shard: str) -> str:
     return f"{SHARDS_DIR}/{shard}{STATS_SUFFIX}"
+
+
+#: `build --text-embeddings MODEL`: each sample's prompt embeddings (docs/SCHEMA.md)
+TEXT_MEMBER = "text.npy"  # float16 [L, D]: the hidden states the denoiser attends to
+TEXT_POOLED_MEMBER = "text_pooled.npy"  # float16 [P]: the pooled embedding, families that have one (SDXL)
+#: the empty prompt's embeddings, once per build beside manifest.json (prompt dropout needs no encoder)
+EMPTY_TEXT = "text_embeddings_empty.npy"
+EMPTY_TEXT_POOLED = "text_embeddings_empty_pooled.npy"

@@ -17,7 +17,8 @@ from collections import Counter
 from typing import IO, Any, Iterator
 
 from ..work import Sample, ShardWork
-from .layout import PER_SAMPLE_FIELDS, SHARDS_DIR, condition_sort_key, stats_path, tar_path
+from .layout import (PER_SAMPLE_FIELDS, SHARDS_DIR, TEXT_MEMBER, TEXT_POOLED_MEMBER, condition_sort_key, stats_path,
+                     tar_path)
 from .output import Output, write_json
 from .spool import SampleSpool
 
@@ -42,6 +43,8 @@ def sample_json(sample: Sample, build_seed: int) -> dict[str, Any]:
         meta["caption_precision"] = sample.caption_precision
     if sample.latents_info is not None:
         meta["latents"] = sample.latents_info
+    if sample.text_info is not None:
+        meta["text_embeddings"] = sample.text_info
     if sample.bucket is not None:
         meta["bucket"] = list(sample.bucket)
     return meta
@@ -56,7 +59,8 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def sample_members(sample: Sample, build_seed: int) -> Iterator[tuple[str, bytes]]:
-    """A sample's tar members in their fixed order (KEY.jpg, .txt, .json, conditions, latents)."""
+    """A sample's tar members in their fixed order (KEY.jpg, .txt, .json, conditions, latents,
+    prompt embeddings)."""
     yield f"{sample.key}.jpg", sample.jpg
     yield f"{sample.key}.txt", (sample.caption or "").replace("\n", " ").encode("utf-8")
     yield f"{sample.key}.json", json.dumps(sample_json(sample, build_seed), sort_keys=True).encode()
@@ -64,6 +68,10 @@ def sample_members(sample: Sample, build_seed: int) -> Iterator[tuple[str, bytes
         yield f"{sample.key}.{name}.png", sample.conditions[name]
     if sample.latents is not None:
         yield f"{sample.key}.latents.npy", sample.latents
+    if sample.text_embeddings is not None:
+        yield f"{sample.key}.{TEXT_MEMBER}", sample.text_embeddings
+    if sample.text_pooled is not None:
+        yield f"{sample.key}.{TEXT_POOLED_MEMBER}", sample.text_pooled
 
 
 class HashingWriter:

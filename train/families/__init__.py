@@ -37,6 +37,9 @@ class Frozen:
     notes: set = field(default_factory=set)  # things said once (e.g. missing size records)
     #: the family's base_pipeline around these parts, made once
     base_pipe: Any = field(default=None, repr=False)
+    #: (hidden, pooled or None): the stored empty-prompt embedding, when the run trains on the
+    #: shards' cached prompt embeddings (then `text_encoders` is empty: they were never loaded)
+    empty_text: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -95,8 +98,9 @@ def detect(pretrained: str) -> Family:
     return cls()
 
 
-def load(pretrained: str, dtype: torch.dtype) -> Frozen:
-    return detect(pretrained).load(pretrained, dtype)
+def load(pretrained: str, dtype: torch.dtype, text: bool = True) -> Frozen:
+    """`text=False`: without tokenizers and text encoders (the run has cached prompt embeddings)."""
+    return detect(pretrained).load(pretrained, dtype, text)
 
 
 def cast(added: dict | None, dtype: torch.dtype) -> dict | None:
@@ -117,26 +121,47 @@ def initialise(layers, init: str) -> None:
         raise FamilyError(f"controlnet init must be 'zero' or 'random', got {init!r}")
 
 
-def load_frozen(family: Family, pretrained: str, dtype: torch.dtype, tokenizers: list, text_encoders: list,
-                denoiser: tuple, scheduler) -> Frozen:
-    """A base's parts, each `(class, subfolder)` (the scheduler a class, from `scheduler/`),
-    loaded, frozen, in eval mode; text encoders and VAE cast to `dtype`. A part that cannot
-    be loaded fails with `load_error`, naming the base and how to get it offline."""
-    from diffusers import AutoencoderKL
-
+def load_text(family: Family, pretrained: str, dtype: torch.dtype) -> tuple[list, list]:
+    """The base's tokenizers and text encoders alone (the family's `text_parts`), the
+    encoders frozen, in eval mode, cast to `dtype`."""
+    tokenizers, text_encoders = family.text_parts(pretrained)
     try:
         loaded_tokenizers = [cls.from_pretrained(pretrained, subfolder=sub) for cls, sub in tokenizers]
         encoders = [cls.from_pretrained(pretrained, subfolder=sub) for cls, sub in text_encoders]
+    except (OSError, ValueError) as exc:
+        raise load_error(pretrained, exc, family.EXAMPLE) from None
+    for module in encoders:
+        module.requires_grad_(False)
+        module.eval()
+    return loaded_tokenizers, [e.to(dtype) for e in encoders]
+
+
+def text_only(family: Family, pretrained: str, dtype: torch.dtype) -> Frozen:
+    """A Frozen holding only the tokenizers and text encoders (no VAE, denoiser or
+    scheduler): what encoding prompts needs, e.g. `build --text-embeddings`."""
+    tokenizers, encoders = load_text(family, pretrained, dtype)
+    return Frozen(family, pretrained, tokenizers, encoders, None, None, None)
+
+
+def load_frozen(family: Family, pretrained: str, dtype: torch.dtype, denoiser: tuple, scheduler,
+                text: bool = True) -> Frozen:
+    """A base's parts, each `(class, subfolder)` (the scheduler a class, from `scheduler/`),
+    loaded, frozen, in eval mode; text encoders (the family's `text_parts`; none with
+    `text=False`) and VAE cast to `dtype`. A part that cannot be loaded fails with
+    `load_error`, naming the base and how to get it offline."""
+    from diffusers import AutoencoderKL
+
+    loaded_tokenizers, encoders = load_text(family, pretrained, dtype) if text else ([], [])
+    try:
         vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
         net = denoiser[0].from_pretrained(pretrained, subfolder=denoiser[1])
         noise_scheduler = scheduler.from_pretrained(pretrained, subfolder="scheduler")
     except (OSError, ValueError) as exc:
         raise load_error(pretrained, exc, family.EXAMPLE) from None
-    for module in (*encoders, vae, net):
+    for module in (vae, net):
         module.requires_grad_(False)
         module.eval()
-    return Frozen(family, pretrained, loaded_tokenizers, [e.to(dtype) for e in encoders], vae.to(dtype), net,
-                  noise_scheduler)
+    return Frozen(family, pretrained, loaded_tokenizers, encoders, vae.to(dtype), net, noise_scheduler)
 
 
 def load_error(pretrained: str, exc: BaseException, example: str) -> FamilyError:

@@ -49,12 +49,21 @@ class Family(abc.ABC):
     #: True: `controlforge sample` draws through `pipeline`/`base_pipeline` (control in both
     #: CFG branches only); False: through train/sampler.py with its guidance modes
     SAMPLES_THROUGH_PIPELINE: bool
+    #: whether training takes the shards' cached prompt embeddings (`build --text-embeddings`)
+    #: for this family; False: it encodes the prompts and says why
+    CACHED_TEXT: bool = False
 
     # -- loading and checks --------------------------------------------------------------
 
     @abc.abstractmethod
-    def load(self, pretrained: str, dtype: torch.dtype) -> Frozen:
-        """The base's frozen parts (see `families.load_frozen`), with `family` = self."""
+    def load(self, pretrained: str, dtype: torch.dtype, text: bool = True) -> Frozen:
+        """The base's frozen parts (see `families.load_frozen`), with `family` = self;
+        `text=False`: without the tokenizers and text encoders."""
+
+    @abc.abstractmethod
+    def text_parts(self, pretrained: str) -> tuple[list, list]:
+        """The base's tokenizers and text encoders, each a `(class, subfolder)` list: what
+        `load` loads for prompts, and all that `build --text-embeddings` loads."""
 
     @abc.abstractmethod
     def check_settings(self, frozen: Frozen, cfg) -> None:
@@ -71,10 +80,39 @@ class Family(abc.ABC):
     # -- training ------------------------------------------------------------------------
 
     @abc.abstractmethod
+    def encode_prompts(self, frozen: Frozen, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts -> (the text hidden states the denoiser attends to, the pooled embedding or
+        None): the text encoders' work alone, what `build --text-embeddings` stores."""
+
+    @abc.abstractmethod
     def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
-                     target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict | None]:
+                     target: tuple[int, int] | None = None, embeds: tuple | None = None
+                     ) -> tuple[torch.Tensor, dict | None]:
         """Prompts -> (text hidden states, added conditioning or None). `sizes`: the batch's
-        recorded original sizes and crops (SDXL); `target`: the (h, w) being made."""
+        recorded original sizes and crops (SDXL); `target`: the (h, w) being made; `embeds`:
+        the prompts' `encode_prompts` result made already (cached), used instead of encoding."""
+
+    def embedding_dims(self, frozen: Frozen) -> tuple[int, int | None] | None:
+        """(hidden size, pooled size or None) of the prompt embeddings this base's denoiser
+        takes, from its config (no text encoder needed), or None where not known."""
+        return None
+
+    def batch_conditioning(self, frozen: Frozen, batch, dropout, device, sizes: Any = None,
+                           target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict | None]:
+        """A training batch's conditioning, with prompt dropout: from the batch's cached prompt
+        embeddings when it has them (a dropped prompt gets the stored empty-prompt embedding,
+        `frozen.empty_text`; the dropout draws are the same as for encoded prompts), else
+        the prompts encoded."""
+        import torch
+
+        if "text_embeds" not in batch:
+            return self.conditioning(frozen, dropout(batch["text"]), device, sizes, target)
+        drop = torch.tensor(dropout.drops(len(batch["text"])), device=device)
+        empty_hidden, empty_pooled = frozen.empty_text
+        hidden = torch.where(drop.view(-1, 1, 1), empty_hidden.to(device), batch["text_embeds"].to(device))
+        pooled = None if empty_pooled is None else torch.where(drop.view(-1, 1), empty_pooled.to(device),
+                                                               batch["text_pooled"].to(device))
+        return self.conditioning(frozen, batch["text"], device, sizes, target, embeds=(hidden, pooled))
 
     @abc.abstractmethod
     def noisy_latents(self, frozen: Frozen, latents: torch.Tensor, cfg, device) -> Noised:
@@ -108,6 +146,15 @@ class Family(abc.ABC):
         return self.load_controlnet(controlnet) if controlnet else self.new_controlnet(frozen, init)
 
     # -- validation and sampling ---------------------------------------------------------
+
+    def cached_prompt_args(self, frozen: Frozen, pipe, hidden, pooled, device) -> dict:
+        """The ControlNet pipeline's prompt keywords from stored embeddings, for a run whose
+        text encoders are not loaded: the prompts' hidden states, and for the negative branch
+        the stored empty prompt's (what the pipeline encodes when given no negative prompt)."""
+        empty_hidden, _ = frozen.empty_text
+        return {"prompt_embeds": hidden.to(device),
+                "negative_prompt_embeds": empty_hidden.expand(hidden.shape[0], -1, -1).to(device)}
+
 
     @abc.abstractmethod
     def sampling_scheduler(self, frozen: Frozen):

@@ -32,13 +32,17 @@ class Flux(flow.Flow):
     EXAMPLE = "black-forest-labs/FLUX.1-dev"
     CONTROLNET_KEYS = ("joint_attention_dim", "in_channels", "pooled_projection_dim", "guidance_embeds")
 
-    def load(self, pretrained: str, dtype: torch.dtype) -> Frozen:
+    def load(self, pretrained: str, dtype: torch.dtype, text: bool = True) -> Frozen:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        return load_frozen(self, pretrained, dtype, (FluxTransformer2DModel, "transformer"),
+                           FlowMatchEulerDiscreteScheduler, text)
+
+    def text_parts(self, pretrained: str) -> tuple[list, list]:
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        return load_frozen(self, pretrained, dtype, [(CLIPTokenizer, "tokenizer"), (T5TokenizerFast, "tokenizer_2")],
-                           [(CLIPTextModel, "text_encoder"), (T5EncoderModel, "text_encoder_2")],
-                           (FluxTransformer2DModel, "transformer"), FlowMatchEulerDiscreteScheduler)
+        return ([(CLIPTokenizer, "tokenizer"), (T5TokenizerFast, "tokenizer_2")],
+                [(CLIPTextModel, "text_encoder"), (T5EncoderModel, "text_encoder_2")])
 
     def check_resolution(self, frozen: Frozen, resolution: int) -> None:
         step = frozen.vae_scale_factor * 2  # latents are packed in 2x2 patches
@@ -46,11 +50,17 @@ class Flux(flow.Flow):
             raise FamilyError(f"resolution {resolution} does not fit {frozen.pretrained}: it must be a multiple of "
                               f"{step} (VAE factor {frozen.vae_scale_factor} x 2 for Flux's packed latents)")
 
-    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
-                     target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
-        embeds, pooled, text_ids = self.base_pipeline(frozen).encode_prompt(
+    def encode_prompts(self, frozen: Frozen, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pipeline's own `encode_prompt`: T5 hidden states, CLIP's pooled output."""
+        embeds, pooled, _ = self.base_pipeline(frozen).encode_prompt(
             prompts, None, device=device, max_sequence_length=flow.MAX_SEQUENCE_LENGTH)
-        return embeds, {"pooled_projections": pooled, "txt_ids": text_ids}
+        return embeds, pooled
+
+    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
+                     target: tuple[int, int] | None = None, embeds: tuple | None = None) -> tuple[torch.Tensor, dict]:
+        hidden, pooled = embeds if embeds is not None else self.encode_prompts(frozen, prompts, device)
+        text_ids = torch.zeros(hidden.shape[1], 3, device=device, dtype=hidden.dtype)  # as the pipeline makes them
+        return hidden, {"pooled_projections": pooled, "txt_ids": text_ids}
 
     def loss(self, batch, cfg, frozen: Frozen, denoiser, controlnet, dropout, device, dtype,
              log=print) -> torch.Tensor:
@@ -60,7 +70,7 @@ class Flux(flow.Flow):
         with torch.no_grad():
             latents, h, w = _packed_latents(vae, batch["pixel_values"].to(device, dtype))
             condition, _, _ = _packed_latents(vae, (batch["conditioning_pixel_values"] * 2 - 1).to(device, dtype))
-            embeds, added = self.conditioning(frozen, dropout(batch["text"]), device)
+            embeds, added = self.batch_conditioning(frozen, batch, dropout, device)
         latents, condition = latents.float(), condition.float()
         image_ids = FluxPipeline._prepare_latent_image_ids(latents.shape[0], h // 2, w // 2, device, latents.dtype)
         noisy, noise, timesteps, sigmas = self.noisy_latents(frozen, latents, cfg, device)

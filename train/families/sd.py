@@ -32,13 +32,17 @@ class SD(Family):
     EXTRA_PIPELINE_ARGS: dict = {}
     EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     SAMPLES_THROUGH_PIPELINE = False
+    CACHED_TEXT = True
 
-    def load(self, pretrained: str, dtype: torch.dtype) -> Frozen:
+    def load(self, pretrained: str, dtype: torch.dtype, text: bool = True) -> Frozen:
         from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        return load_frozen(self, pretrained, dtype, (UNet2DConditionModel, "unet"), DDPMScheduler, text)
+
+    def text_parts(self, pretrained: str) -> tuple[list, list]:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        return load_frozen(self, pretrained, dtype, [(CLIPTokenizer, "tokenizer")], [(CLIPTextModel, "text_encoder")],
-                           (UNet2DConditionModel, "unet"), DDPMScheduler)
+        return [(CLIPTokenizer, "tokenizer")], [(CLIPTextModel, "text_encoder")]
 
     def check_settings(self, frozen: Frozen, cfg) -> None:
         """Every training setting applies to a UNet base."""
@@ -65,13 +69,22 @@ class SD(Family):
             raise FamilyError(f"{where}: its condition encoder shrinks images by {factor}, but the base's VAE by "
                               f"{frozen.vae_scale_factor}: this ControlNet was trained for another base model")
 
-    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
-                     target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict | None]:
-        """Text hidden states for the cross-attention; SD has no added conditioning."""
+    def encode_prompts(self, frozen: Frozen, prompts: list[str], device) -> tuple[torch.Tensor, None]:
+        """The CLIP text encoder's last hidden states; no pooled embedding."""
         tokenizer, text_encoder = frozen.tokenizers[0], frozen.text_encoders[0]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         return text_encoder(ids, return_dict=False)[0], None
+
+    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
+                     target: tuple[int, int] | None = None, embeds: tuple | None = None
+                     ) -> tuple[torch.Tensor, dict | None]:
+        """Text hidden states for the cross-attention; SD has no added conditioning."""
+        hidden, _ = embeds if embeds is not None else self.encode_prompts(frozen, prompts, device)
+        return hidden, None
+
+    def embedding_dims(self, frozen: Frozen) -> tuple[int, int | None]:
+        return int(frozen.denoiser.config.cross_attention_dim), None
 
     def noisy_latents(self, frozen: Frozen, latents: torch.Tensor, cfg, device) -> Noised:
         scheduler = frozen.scheduler
@@ -89,8 +102,8 @@ class SD(Family):
             else:
                 latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
                 latents = (latents * vae.config.scaling_factor).float()
-            hidden, added = self.conditioning(frozen, dropout(batch["text"]), device, batch.get("sizes"),
-                                              tuple(batch["pixel_values"].shape[-2:]))  # (h, w): buckets too
+            hidden, added = self.batch_conditioning(frozen, batch, dropout, device, batch.get("sizes"),
+                                                    tuple(batch["pixel_values"].shape[-2:]))  # (h, w): buckets too
         noisy, noise, timesteps, _ = self.noisy_latents(frozen, latents, cfg, device)
         down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden.float(),
                                added_cond_kwargs=cast(added, torch.float32),
@@ -132,5 +145,7 @@ class SD(Family):
         return DDIMScheduler.from_config(frozen.scheduler.config)
 
     def pipeline_parts(self, frozen: Frozen, denoiser, scheduler) -> dict:
-        return dict(vae=frozen.vae, text_encoder=frozen.text_encoders[0], tokenizer=frozen.tokenizers[0], unet=denoiser,
+        text = bool(frozen.text_encoders)  # none when the run trains on cached prompt embeddings
+        return dict(vae=frozen.vae, text_encoder=frozen.text_encoders[0] if text else None,
+                    tokenizer=frozen.tokenizers[0] if text else None, unet=denoiser,
                     scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

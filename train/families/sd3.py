@@ -29,10 +29,15 @@ class SD3(flow.Flow):
     EXAMPLE = "stabilityai/stable-diffusion-3-medium-diffusers"
     CONTROLNET_KEYS = ("joint_attention_dim", "in_channels", "patch_size")
 
-    def load(self, pretrained: str, dtype: torch.dtype) -> Frozen:
-        """T5 (text_encoder_3) is loaded when the base has it; without it the pipeline's zeros
-        stand in for its embeddings, as diffusers does."""
+    def load(self, pretrained: str, dtype: torch.dtype, text: bool = True) -> Frozen:
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+        return load_frozen(self, pretrained, dtype, (SD3Transformer2DModel, "transformer"),
+                           FlowMatchEulerDiscreteScheduler, text)
+
+    def text_parts(self, pretrained: str) -> tuple[list, list]:
+        """T5 (text_encoder_3) when the base has it; without it the pipeline's zeros stand in
+        for its embeddings, as diffusers does."""
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
         tokenizers = [(CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2")]
@@ -40,8 +45,7 @@ class SD3(flow.Flow):
         if os.path.isdir(os.path.join(pretrained, "text_encoder_3")):
             tokenizers.append((AutoTokenizer, "tokenizer_3"))
             encoders.append((T5EncoderModel, "text_encoder_3"))
-        return load_frozen(self, pretrained, dtype, tokenizers, encoders, (SD3Transformer2DModel, "transformer"),
-                           FlowMatchEulerDiscreteScheduler)
+        return tokenizers, encoders
 
     def check_resolution(self, frozen: Frozen, resolution: int) -> None:
         patch = frozen.denoiser.config.patch_size
@@ -50,12 +54,17 @@ class SD3(flow.Flow):
             raise FamilyError(f"resolution {resolution} does not fit {frozen.pretrained}: it must be a multiple of "
                               f"{step} (VAE factor {frozen.vae_scale_factor} x patch size {patch})")
 
-    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
-                     target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    def encode_prompts(self, frozen: Frozen, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pipeline's own `encode_prompt`: CLIP (and T5) hidden states, both CLIPs' pooled projections."""
         embeds, _, pooled, _ = self.base_pipeline(frozen).encode_prompt(
             prompts, None, None, device=device, do_classifier_free_guidance=False,
             max_sequence_length=flow.MAX_SEQUENCE_LENGTH)
-        return embeds, {"pooled_projections": pooled}
+        return embeds, pooled
+
+    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
+                     target: tuple[int, int] | None = None, embeds: tuple | None = None) -> tuple[torch.Tensor, dict]:
+        hidden, pooled = embeds if embeds is not None else self.encode_prompts(frozen, prompts, device)
+        return hidden, {"pooled_projections": pooled}
 
     def loss(self, batch, cfg, frozen: Frozen, denoiser, controlnet, dropout, device, dtype,
              log=print) -> torch.Tensor:
@@ -66,7 +75,7 @@ class SD3(flow.Flow):
             else:
                 latents = encode_latents(vae, batch["pixel_values"].to(device, dtype)).float()
             condition = encode_latents(vae, (batch["conditioning_pixel_values"] * 2 - 1).to(device, dtype)).float()
-            embeds, added = self.conditioning(frozen, dropout(batch["text"]), device)
+            embeds, added = self.batch_conditioning(frozen, batch, dropout, device)
         noisy, noise, timesteps, sigmas = self.noisy_latents(frozen, latents, cfg, device)
         pooled = added["pooled_projections"]
         blocks = controlnet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds.float(),

@@ -30,16 +30,19 @@ class SDXL(SD):
     BASE_PIPELINE = "StableDiffusionXLPipeline"
     EXAMPLE = "stabilityai/stable-diffusion-xl-base-1.0"
 
-    def load(self, pretrained: str, dtype: torch.dtype) -> Frozen:
+    def load(self, pretrained: str, dtype: torch.dtype, text: bool = True) -> Frozen:
         from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        return load_frozen(self, pretrained, dtype, (UNet2DConditionModel, "unet"), DDPMScheduler, text)
+
+    def text_parts(self, pretrained: str) -> tuple[list, list]:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        return load_frozen(self, pretrained, dtype, [(CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2")],
-                           [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")],
-                           (UNet2DConditionModel, "unet"), DDPMScheduler)
+        return ([(CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2")],
+                [(CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")])
 
-    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
-                     target: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    def encode_prompts(self, frozen: Frozen, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both encoders' penultimate hidden states, concatenated; the second one's pooled projection."""
         hidden, pooled = [], None
         for tokenizer, encoder in zip(frozen.tokenizers, frozen.text_encoders):
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -47,9 +50,20 @@ class SDXL(SD):
             out = encoder(ids, output_hidden_states=True)
             pooled = out[0]  # the last encoder's (CLIPTextModelWithProjection) text_embeds
             hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def conditioning(self, frozen: Frozen, prompts: list[str], device, sizes: Any = None,
+                     target: tuple[int, int] | None = None, embeds: tuple | None = None) -> tuple[torch.Tensor, dict]:
+        hidden, pooled = embeds if embeds is not None else self.encode_prompts(frozen, prompts, device)
         target = target or (frozen.denoiser.config.sample_size * frozen.vae_scale_factor,) * 2
         ids = time_ids(sizes, len(prompts), target).to(device, pooled.dtype)
-        return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": ids}
+        return hidden, {"text_embeds": pooled, "time_ids": ids}
+
+    def embedding_dims(self, frozen: Frozen) -> tuple[int, int]:
+        """The pooled size: what the added embedding's input leaves after the 6 time ids."""
+        config = frozen.denoiser.config
+        return (int(config.cross_attention_dim),
+                int(config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim))
 
     def loss(self, batch, cfg, frozen: Frozen, denoiser, controlnet, dropout, device, dtype,
              log=print) -> torch.Tensor:
@@ -59,7 +73,22 @@ class SDXL(SD):
                 "orig_height, crop_top/crop_left); SDXL's time_ids use the image size and no crop for those")
         return super().loss(batch, cfg, frozen, denoiser, controlnet, dropout, device, dtype, log)
 
+    def cached_prompt_args(self, frozen: Frozen, pipe, hidden, pooled, device) -> dict:
+        """With the pipeline's `force_zeros_for_empty_prompt` (the default) the negative branch
+        gets zeros, made by the pipeline as it does with its encoders; else the stored empty
+        prompt's embeddings."""
+        args = {"prompt_embeds": hidden.to(device), "pooled_prompt_embeds": pooled.to(device)}
+        if not pipe.config.get("force_zeros_for_empty_prompt", True):
+            empty_hidden, empty_pooled = frozen.empty_text
+            n = hidden.shape[0]
+            args.update(negative_prompt_embeds=empty_hidden.expand(n, -1, -1).to(device),
+                        negative_pooled_prompt_embeds=empty_pooled.expand(n, -1).to(device))
+        return args
+
     def pipeline_parts(self, frozen: Frozen, denoiser, scheduler) -> dict:
-        return dict(vae=frozen.vae, text_encoder=frozen.text_encoders[0], text_encoder_2=frozen.text_encoders[1],
-                    tokenizer=frozen.tokenizers[0], tokenizer_2=frozen.tokenizers[1], unet=denoiser,
+        text = bool(frozen.text_encoders)  # none when the run trains on cached prompt embeddings
+        return dict(vae=frozen.vae, text_encoder=frozen.text_encoders[0] if text else None,
+                    text_encoder_2=frozen.text_encoders[1] if text else None,
+                    tokenizer=frozen.tokenizers[0] if text else None, tokenizer_2=frozen.tokenizers[1] if text else None,
+                    unet=denoiser,
                     scheduler=scheduler, add_watermarker=False)
