@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -158,13 +159,13 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
         cfg = cfg.model_copy(update={"executor": choose_executor(cfg, inputs_seen)})
         log(f"executor: {cfg.executor} (auto; --executor ray or local to choose)")
     manifest = index.load_manifest(out)
+    recorded = json.dumps(manifest, sort_keys=True) if manifest is not None else None  # saved again if it changes
     if manifest is not None:
         _check_resumable(manifest, cfg, listing)
-    else:
+    else:  # saved before any shard (below): the config, for resume checks; shards are listed at the end
         manifest = {"schema_version": SCHEMA_VERSION, "config": cfg.model_dump(mode="json"),
                     "versions": package_versions(), "inputs": listing.known_count, "listing_sha256": listing.digest,
                     "complete": False, "shards": []}
-        index.save_manifest(out, manifest)  # the config, for resume checks; shards are listed at the end
     # finished shards: their completion markers (every controlforge build has written them)
     done = {tar_path(name) for name in index.completed_shards(out)}
     pending = (w for w in listing.works if tar_path(w.name) not in done)
@@ -216,9 +217,9 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
             resolved = licences.resolve(annotators, manifest.get("licences"), cfg.output)
         except LicencePolicyError as exc:
             raise BuildError(str(exc)) from None
-        if manifest.get("licences") != resolved:
-            manifest["licences"] = resolved
-            index.save_manifest(out, manifest)
+        manifest["licences"] = resolved
+    if json.dumps(manifest, sort_keys=True) != recorded:  # once, before any shard is written
+        index.save_manifest(out, manifest)
     steps = make_steps(cfg, placement, annotators)
     results = (run_local(steps, todo) if cfg.executor == "local"
                else run_ray_windows(steps, todo, cfg.num_cpus))
@@ -279,8 +280,7 @@ def _write_empty_text(cfg: BuildConfig, out: Output, manifest: dict[str, Any], t
     for name, data in files.items():
         out.write_atomic(name, data)
     manifest["text_embeddings"] = {"model": cfg.text_embeddings, "family": encoder.family.NAME,
-                                   "empty": sorted(files)}
-    index.save_manifest(out, manifest)
+                                   "empty": sorted(files)}  # saved with the manifest before any shard
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
