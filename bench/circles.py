@@ -7,6 +7,17 @@ model learns to draw such pictures from their captions, at no particular place; 
 ControlNet trained on Canny edges of the circle must learn *where* to draw it.
 
     python bench/circles.py data DIR [--train 6000 --heldout 64]   # images + sidecar .txt
+
+Held-out conditions the training never saw (circle_sets, excluded_set, two_circle_set,
+checked by check_heldout; the distance is condition_distance: the larger of the centre
+distance and the radius difference, in pixels at 64 px):
+  (a) new in-range conditions: the training distribution leaves out a 2 px neighbourhood
+      of 64 points drawn from the seed; set (a) is those points, so for every held-out
+      circle and every training circle |centre difference| >= 2 px or |radius
+      difference| >= 2 px;
+  (b) an excluded region: no training circle has a radius in 13.5-18.5 px; set (b) has
+      radii in 15.5-16.5 px, >= 2 px from every training radius;
+  (c) two circles of one colour in one picture (training pictures have one).
     python bench/circles.py base OUT [--vae-minutes 12 --unet-minutes 20]  # train a base, save it
 
 The base is a `StableDiffusionPipeline` folder (AutoencoderKL with a 4x factor, a
@@ -61,29 +72,210 @@ class Circle:
         return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def random_circle(rng: np.random.Generator) -> Circle:
+#: radii (fractions of the side) that circles have, as in fill50k: 7.7 to 24.3 px at 64 px
+RADII = (0.12, 0.38)
+#: the excluded region, in pixels at SIZE: no training circle has a radius in this open
+#: band; held-out set (b) has radii in EXCLUDED_SET_RADII, >= 2 px inside it
+EXCLUDED_RADII_PX = (13.5, 18.5)
+EXCLUDED_SET_RADII_PX = (15.5, 16.5)
+#: held-out conditions must be at least this far from every training condition (px)
+MIN_DISTANCE_PX = 2.0
+#: holes in the training distribution, one per possible held-out circle of set (a):
+#: drawn from the seed, so the training set of a seed is the same whatever --heldout is
+HOLES = 64
+
+
+class LeakError(AssertionError):
+    """A held-out condition is too close to a training condition."""
+
+
+def _in_band(r: float, band: tuple[float, float] = EXCLUDED_RADII_PX) -> bool:
+    return band[0] < r * SIZE < band[1]
+
+
+def random_circle(rng: np.random.Generator, radii: tuple[float, float] = RADII) -> Circle:
     fg, bg = rng.choice(len(COLOURS), 2, replace=False)
     names = list(COLOURS)
-    r = float(rng.uniform(0.12, 0.38))
+    r = float(rng.uniform(*radii))
     cx, cy = (float(rng.uniform(r, 1 - r)) for _ in range(2))
     return Circle(names[fg], names[bg], round(cx, 4), round(cy, 4), round(r, 4))
 
 
-def circle_sets(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Circle], list[Circle]]:
-    """Training circles and held-out ones; no held-out circle matches a training one on
-    the pixel grid (same colours, centre and radius)."""
-    train = [random_circle(rng) for rng in [np.random.default_rng(seed)] for _ in range(n_train)]
-    seen = {c.grid_key() for c in train}
-    rng, heldout = np.random.default_rng(seed + 7919), []
-    while len(heldout) < n_heldout:
+def condition_distance(a: Circle, b: Circle, size: int = SIZE) -> float:
+    """How far two circles' conditions are apart, in pixels at `size`: the larger of the
+    distance between their centres and the difference of their radii. So `a` is at least
+    2 px from `b` "in centre or in radius" exactly when condition_distance(a, b) >= 2.
+    Colours do not count (the Canny condition does not carry them)."""
+    return max(math.hypot(a.cx - b.cx, a.cy - b.cy), abs(a.r - b.r)) * size
+
+
+def _distances(heldout: list[Circle], train: list[Circle], size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out circle: the smallest condition_distance and the smallest radius
+    difference to any training circle (px), vectorised."""
+    t = np.array([(c.cx, c.cy, c.r) for c in train], np.float64).reshape(-1, 3)
+    h = np.array([(c.cx, c.cy, c.r) for c in heldout], np.float64).reshape(-1, 3)
+    if not len(t) or not len(h):
+        return np.full(len(h), np.inf), np.full(len(h), np.inf)
+    centre = np.hypot(h[:, None, 0] - t[None, :, 0], h[:, None, 1] - t[None, :, 1])
+    radius = np.abs(h[:, None, 2] - t[None, :, 2])
+    return np.maximum(centre, radius).min(1) * size, radius.min(1) * size
+
+
+def holes(seed: int, n: int = HOLES) -> list[Circle]:
+    """Points of condition space the training distribution leaves out, in range: radii
+    inside RADII but >= 1 px outside the excluded band, centres as any circle's."""
+    rng, found = np.random.default_rng(seed + 7919), []
+    while len(found) < n:
         circle = random_circle(rng)
-        if circle.grid_key() not in seen:
-            heldout.append(circle)
-            seen.add(circle.grid_key())
-    return train, heldout
+        r = circle.r * SIZE
+        if EXCLUDED_RADII_PX[0] - 1 <= r <= EXCLUDED_RADII_PX[1] + 1:
+            continue
+        if found and _distances([circle], found)[0][0] < 2 * MIN_DISTANCE_PX:
+            continue  # holes apart, so each held-out circle is a new condition of its own
+        found.append(circle)
+    return found
 
 
-def write_circles(folder: Path, circles: list[Circle], size: int = SIZE) -> list[Path]:
+def training_circle(rng: np.random.Generator, hole_array: np.ndarray) -> Circle:
+    """One circle of the training distribution: any fill50k-like circle except those with
+    a radius in the excluded band, or within MIN_DISTANCE_PX of a hole in centre and in
+    radius (condition_distance < 2 px)."""
+    while True:
+        circle = random_circle(rng)
+        if _in_band(circle.r):
+            continue
+        if len(hole_array):
+            centre = np.hypot(hole_array[:, 0] - circle.cx, hole_array[:, 1] - circle.cy)
+            radius = np.abs(hole_array[:, 2] - circle.r)
+            if (np.maximum(centre, radius) * SIZE < MIN_DISTANCE_PX).any():
+                continue
+        return circle
+
+
+def circle_sets(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Circle], list[Circle]]:
+    """Training circles and held-out set (a), new in-range conditions.
+
+    The training distribution leaves parts of condition space out, deterministically
+    from `seed`: (1) every radius in the open band EXCLUDED_RADII_PX (13.5-18.5 px at
+    64 px; set (b) lies inside it), and (2) HOLES points drawn from the seed: no training
+    circle has condition_distance < 2 px to one. Set (a) is the first `n_heldout` holes
+    (so, for every held-out circle h and every training circle t, |centre(h) - centre(t)|
+    >= 2 px or |r(h) - r(t)| >= 2 px), with radii inside the training range."""
+    if n_heldout > HOLES:
+        raise ValueError(f"at most {HOLES} held-out circles in set (a), asked for {n_heldout}")
+    points = holes(seed)
+    hole_array = np.array([(c.cx, c.cy, c.r) for c in points], np.float64)
+    rng = np.random.default_rng(seed)
+    train = [training_circle(rng, hole_array) for _ in range(n_train)]
+    return train, points[:n_heldout]
+
+
+def excluded_set(n: int, seed: int = 0) -> list[Circle]:
+    """Held-out set (b), the excluded region: radii in EXCLUDED_SET_RADII_PX (15.5-16.5
+    px), which no training circle has: every one is >= 2 px in radius from every training
+    circle, wherever it is."""
+    rng = np.random.default_rng(seed + 104729)
+    band = tuple(r / SIZE for r in EXCLUDED_SET_RADII_PX)
+    return [random_circle(rng, band) for _ in range(n)]
+
+
+@dataclass(frozen=True)
+class TwoCircles:
+    """Two circles of one colour in one picture, apart (a gap of >= 3 px between them),
+    so the Canny condition holds two closed curves. The caption has the single-circle
+    form ("a red circle on a light blue background"): it parses as the training
+    captions do, and its colours are both circles' colours. Centres and radii as
+    fractions of the side; each radius within the training range, below the band."""
+
+    fg: str
+    bg: str
+    circles: tuple[tuple[float, float, float], ...]
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.fg} circle on a {self.bg} background"
+
+    def parts(self) -> list[Circle]:
+        return [Circle(self.fg, self.bg, cx, cy, r) for cx, cy, r in self.circles]
+
+    def draw(self, size: int = SIZE, supersample: int = 4) -> Image.Image:
+        big = size * supersample
+        image = Image.new("RGB", (big, big), COLOURS[self.bg])
+        draw = ImageDraw.Draw(image)
+        for cx, cy, r in self.circles:
+            x, y, rr = cx * big, cy * big, r * big
+            draw.ellipse((x - rr, y - rr, x + rr, y + rr), fill=COLOURS[self.fg])
+        return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+TWO_GAP_PX = 3.0
+
+
+def two_circle_set(n: int, seed: int = 0) -> list[TwoCircles]:
+    """Held-out set (c): two circles in one picture (no training picture has two)."""
+    rng, pictures, names = np.random.default_rng(seed + 1299709), [], list(COLOURS)
+    radii = (RADII[0], EXCLUDED_RADII_PX[0] / SIZE - 1e-3)
+    while len(pictures) < n:
+        fg, bg = rng.choice(len(COLOURS), 2, replace=False)
+        a, b = random_circle(rng, radii), random_circle(rng, radii)
+        if math.hypot(a.cx - b.cx, a.cy - b.cy) * SIZE < (a.r + b.r) * SIZE + TWO_GAP_PX:
+            continue
+        pictures.append(TwoCircles(names[fg], names[bg], ((a.cx, a.cy, a.r), (b.cx, b.cy, b.r))))
+    return pictures
+
+
+def check_heldout(train: list[Circle], new: list[Circle] = (), excluded: list[Circle] = (),
+                  two: list[TwoCircles] = (), min_px: float = MIN_DISTANCE_PX) -> dict:
+    """The bench's leak check; raises LeakError, else returns the measured margins (px).
+
+    (a) `new`: every circle's condition_distance to every training circle >= min_px
+        (|centre difference| >= 2 px or |radius difference| >= 2 px), radius in range;
+    (b) `excluded`: every circle's radius differs from every training radius by >= min_px;
+    (c) `two`: two circles per picture, apart by >= TWO_GAP_PX, none overlapping."""
+    found: dict = {"min_px": min_px, "train": len(train)}
+    problems = []
+    if new:
+        nearest, _ = _distances(list(new), train)
+        found["a_min_distance_px"] = round(float(nearest.min()), 4)
+        found["a_closer_than_min"] = int((nearest < min_px).sum())
+        if (nearest < min_px).any():
+            i = int(np.argmin(nearest))
+            problems.append(f"set (a): {found['a_closer_than_min']} of {len(new)} held-out circles are closer than "
+                            f"{min_px} px to a training circle (the nearest: #{i}, {nearest[i]:.2f} px)")
+        lo, hi = min(c.r for c in train) if train else 0, max(c.r for c in train) if train else 1
+        if any(not lo <= c.r <= hi for c in new):
+            problems.append("set (a): a held-out radius outside the training range (that is set (b)'s job)")
+    if excluded:
+        _, radius = _distances(list(excluded), train)
+        found["b_min_radius_difference_px"] = round(float(radius.min()), 4)
+        if (radius < min_px).any():
+            problems.append(f"set (b): {int((radius < min_px).sum())} of {len(excluded)} circles have a radius within "
+                            f"{min_px} px of a training circle's (the nearest: {radius.min():.2f} px)")
+    if two:
+        gaps = [math.hypot(a.cx - b.cx, a.cy - b.cy) * SIZE - (a.r + b.r) * SIZE
+                for p in two for a, b in [p.parts()] if len(p.circles) == 2]
+        found["c_min_gap_px"] = round(float(min(gaps)), 4) if gaps else None
+        if len(gaps) != len(two) or min(gaps) < TWO_GAP_PX:
+            problems.append(f"set (c): a picture without two separate circles (gap < {TWO_GAP_PX} px)")
+    if problems:
+        raise LeakError("held-out conditions leak into training: " + "; ".join(problems))
+    return found
+
+
+def read_circles(folder: Path) -> list:
+    """The circles a write_circles folder holds (circles.jsonl), as Circle / TwoCircles."""
+    out = []
+    for line in (Path(folder) / "circles.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record.pop("file")
+        if "circles" in record:
+            out.append(TwoCircles(record["fg"], record["bg"], tuple(tuple(c) for c in record["circles"])))
+        else:
+            out.append(Circle(**record))
+    return out
+
+
+def write_circles(folder: Path, circles: list, size: int = SIZE) -> list[Path]:
     """NNNNN.png + NNNNN.txt (the caption) per circle, and circles.jsonl with the parameters."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -312,9 +504,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "data":
         train, heldout = circle_sets(args.train, args.heldout, args.seed)
-        write_circles(Path(args.out) / "train", train)
-        write_circles(Path(args.out) / "heldout", heldout)
-        print(f"wrote {len(train)} training and {len(heldout)} held-out circles under {args.out}")
+        excluded, two = excluded_set(args.heldout, args.seed), two_circle_set(args.heldout, args.seed)
+        found = check_heldout(train, heldout, excluded, two)
+        for name, circles in (("train", train), ("heldout", heldout), ("excluded", excluded), ("two", two)):
+            write_circles(Path(args.out) / name, circles)
+        print(f"wrote {len(train)} training circles and {len(heldout)} held-out pictures per set (heldout = (a) new "
+              f"in-range conditions, excluded = (b) the excluded radius band, two = (c) two circles) under {args.out}; "
+              f"distances {json.dumps(found)}")
     else:
         print(json.dumps(make_base(Path(args.out), args.vae_minutes * 60, args.unet_minutes * 60, args.images,
                                    fp16=not args.fp32), indent=1))

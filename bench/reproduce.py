@@ -3,6 +3,7 @@ own commands (build, train, sample, eval), on a tiny base model that runs on a C
 
     python bench/reproduce.py --quick --output out/repro       # <= 30 min on 2 CPU cores
     python bench/reproduce.py --output out/repro-full          # 3 seeds, longer runs, all ablations
+    python bench/reproduce.py --output out/gen --part generalisation  # 3 seeds, sets (a)-(c) only
 
 Steps: write circles (bench/circles.py) -> `controlforge build --conditions canny
 --keep-captions` for the training and the held-out set -> `controlforge train` on the
@@ -12,6 +13,17 @@ prompts and seeds -> `controlforge eval --shuffled` (edge F1, 2 px tolerance, ag
 own and against shuffled conditions) -> ablations (zero vs random init of the output
 layers, prompt dropout 50 % vs 0 % in the no-prompt mode, the sampler's guidance modes)
 -> DIR/results.json, DIR/report.md (+ PNG plots), DIR/samples/{controlnet,base}/.
+
+Held-out sets (bench/circles.py defines them; the training distribution leaves their
+parts of condition space out, and a check fails the run if any leaks):
+  (a) new in-range conditions: each >= 2 px from every training circle in centre or in
+      radius -> DIR/samples/{controlnet,base}/ (scored in every mode);
+  (b) the excluded radius band (15.5-16.5 px; no training radius within 2 px)
+      -> DIR/samples/excluded/{controlnet,base}/;
+  (c) two circles in one picture -> DIR/samples/two/{controlnet,base}/.
+The quick mode scores (a) only; the full mode all three; `--part generalisation` runs
+the full mode's main trainings and sets (a)-(c) without the ablations (one part of the
+full mode that fits 90 minutes on 2 cores).
 
 An output folder holding an earlier run with the same settings is resumed (finished
 phases are skipped, training resumes from its last checkpoint); one with other settings,
@@ -36,10 +48,17 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 MODES = {
     "quick": dict(train_images=6000, heldout=64, steps=1200, eval_every=200, seeds=[0], ablation_steps=400,
-                  batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=100, curve_samples=64),
+                  batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=100, curve_samples=64,
+                  sets=["new"]),
     "full": dict(train_images=20000, heldout=64, steps=2000, eval_every=250, seeds=[0, 1, 2], ablation_steps=500,
-                 batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=250, curve_samples=64),
+                 batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=250, curve_samples=64,
+                 sets=["new", "excluded", "two"]),
 }
+#: held-out set -> (its data and shard folder under work/, its samples folder under OUT/samples/, title)
+SETS = {"new": ("heldout", "", "(a) new in-range conditions"),
+        "excluded": ("excluded", "excluded", "(b) excluded radius band"),
+        "two": ("two", "two", "(c) two circles in one picture")}
+PARTS = ("generalisation",)
 SAMPLING = dict(steps=20, guidance_scale=5.0, mode="paper")
 GUIDANCE_MODES = {  # name -> sampler flags, on the same checkpoint
     "paper (CFG resolution weighting)": ["--mode", "paper"],
@@ -50,7 +69,8 @@ GUIDANCE_MODES = {  # name -> sampler flags, on the same checkpoint
     "diffusers guess-mode weights": ["--mode", "diffusers"],
 }
 MODES["smoke"] = dict(train_images=48, heldout=8, steps=4, eval_every=2, seeds=[0], ablation_steps=2, batch=4,
-                      learning_rate=1e-3, timestep_sampling="cubic", validation_steps=2, curve_samples=8)  # plumbing only, ~1 min
+                      learning_rate=1e-3, timestep_sampling="cubic", validation_steps=2, curve_samples=8,
+                      sets=["new", "excluded", "two"])  # plumbing only, ~1 min
 TARGETS = {"smoke": dict(f1=0.0, over_base=0.0, over_shuffled=0.0), "quick": dict(f1=0.35, over_base=2.0, over_shuffled=2.0), "full": dict(f1=0.5, over_base=3.0, over_shuffled=3.0)}
 
 
@@ -120,12 +140,30 @@ def controlforge(*argv: str) -> None:
 # ---- phases ----------------------------------------------------------------------------
 
 def make_data(run: Run, s: dict) -> dict:
-    from circles import circle_sets, write_circles
+    from circles import circle_sets, excluded_set, two_circle_set, write_circles
 
     train, heldout = circle_sets(s["train_images"], s["heldout"], seed=0)
     write_circles(run.work / "data" / "train", train)
     write_circles(run.work / "data" / "heldout", heldout)
-    return {"train": len(train), "heldout": len(heldout)}
+    made = {"train": len(train), "heldout": len(heldout)}
+    if "excluded" in s["sets"]:
+        made["excluded"] = len(write_circles(run.work / "data" / "excluded", excluded_set(s["heldout"], seed=0)))
+    if "two" in s["sets"]:
+        made["two"] = len(write_circles(run.work / "data" / "two", two_circle_set(s["heldout"], seed=0)))
+    return made
+
+
+def check_distances(run: Run, s: dict) -> dict:
+    """The leak check, on the circles as written (circles.jsonl): raises LeakError (the
+    run fails) if a held-out condition is closer to a training one than the sets allow."""
+    from circles import check_heldout, read_circles
+
+    data = run.work / "data"
+    found = check_heldout(read_circles(data / "train"), new=read_circles(data / "heldout"),
+                          excluded=read_circles(data / "excluded") if "excluded" in s["sets"] else (),
+                          two=read_circles(data / "two") if "two" in s["sets"] else ())
+    run.log(f"   held-out distances: {json.dumps(found)}")
+    return found
 
 
 def build(run: Run, split: str, per_shard: int) -> dict:
@@ -166,9 +204,10 @@ def train(run: Run, s: dict, base: str, name: str, seed: int, steps: int, init: 
 
 
 def sample_and_eval(run: Run, folder: Path, base: str, controlnet: str | None, n: int, seed: int = 0,
-                    extra: list[str] = (), prompt_mode: str = "auto") -> dict:
-    """`controlforge sample` on the held-out conditions, then `controlforge eval --shuffled`."""
-    shard = sorted((run.work / "shards" / "heldout" / "shards").glob("*.tar"))[0]
+                    extra: list[str] = (), prompt_mode: str = "auto", split: str = "heldout") -> dict:
+    """`controlforge sample` on the held-out conditions (`split`: heldout = set (a),
+    excluded, two), then `controlforge eval --shuffled`."""
+    shard = sorted((run.work / "shards" / split / "shards").glob("*.tar"))[0]
     if folder.exists():
         shutil.rmtree(folder)  # a half-written folder from an interrupted run is redone whole
     flags = {"--mode": SAMPLING["mode"], "--guidance-scale": SAMPLING["guidance_scale"], **dict(zip(extra[::2], extra[1::2]))}
@@ -178,22 +217,23 @@ def sample_and_eval(run: Run, folder: Path, base: str, controlnet: str | None, n
                  *[x for kv in flags.items() for x in kv])
     controlforge("eval", folder, "--condition", "canny", "--shuffled")
     report = json.loads((folder / "report.json").read_text())
-    result = {"f1": report["mean"], "f1_shuffled": report["shuffled_mean"], "colour_accuracy": colour_accuracy(run, folder)}
+    result = {"f1": report["mean"], "f1_shuffled": report["shuffled_mean"],
+              "colour_accuracy": colour_accuracy(run, folder, split)}
     run.log(f"   {folder.relative_to(run.out)}: F1 {result['f1']:.3f} (shuffled {result['f1_shuffled']:.3f}), "
             f"colours right {result['colour_accuracy']:.2f}")
     return result
 
 
-def heldout_captions(run: Run) -> dict[str, str]:
+def heldout_captions(run: Run, split: str = "heldout") -> dict[str, str]:
     """Sample key -> the caption of its held-out circle (what the prompt asked for)."""
     import webdataset as wds
 
-    shard = sorted((run.work / "shards" / "heldout" / "shards").glob("*.tar"))
+    shard = sorted((run.work / "shards" / split / "shards").glob("*.tar"))
     return {s["__key__"]: s["txt"].decode().strip() for s in wds.WebDataset([str(p) for p in shard],
                                                                             shardshuffle=False, empty_check=False)}
 
 
-def colour_accuracy(run: Run, folder: Path) -> float:
+def colour_accuracy(run: Run, folder: Path, split: str = "heldout") -> float:
     """Prompt-following, independent of position: the share of samples whose most common
     colour (nearest of the task's colours) is the caption's background and second most
     common is the circle's colour. Judged against the held-out caption even when the
@@ -205,7 +245,7 @@ def colour_accuracy(run: Run, folder: Path) -> float:
 
     names = list(COLOURS)
     palette = np.array([COLOURS[n] for n in names], np.float32)
-    captions = heldout_captions(run)
+    captions = heldout_captions(run, split)
     right = []
     for record_path in sorted(folder.glob("[0-9][0-9][0-9][0-9].json")):
         record = json.loads(record_path.read_text())
@@ -219,7 +259,7 @@ def colour_accuracy(run: Run, folder: Path) -> float:
     return float(np.mean(right))
 
 
-def vae_ceiling(run: Run, base: str) -> dict:
+def vae_ceiling(run: Run, base: str, split: str = "heldout", samples: str = "base") -> dict:
     """Edge F1 of the base's VAE reconstructions of the held-out images: no sample can
     beat what the decoder can draw (a diagnostic, measured with the same metric)."""
     import numpy as np
@@ -231,12 +271,12 @@ def vae_ceiling(run: Run, base: str) -> dict:
     from train.metrics import controllability
 
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32).eval()
-    folder = run.work / "samples" / "base"
+    folder = run.work / "samples" / samples
     conditions, images = [], []
     for path in sorted(folder.glob("[0-9][0-9][0-9][0-9]_condition.png")):
         conditions.append(np.asarray(Image.open(path).convert("L")))
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("[0-9][0-9][0-9][0-9].json"))]
-    originals = heldout_images(run)
+    originals = heldout_images(run, split)
     with torch.no_grad():
         for record in records:
             x = torch.from_numpy(originals[record["source"]]).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -246,10 +286,10 @@ def vae_ceiling(run: Run, base: str) -> dict:
     return {"f1": controllability("canny", canny, conditions, images)}
 
 
-def heldout_images(run: Run) -> dict:
+def heldout_images(run: Run, split: str = "heldout") -> dict:
     import webdataset as wds
 
-    shard = sorted((run.work / "shards" / "heldout" / "shards").glob("*.tar"))
+    shard = sorted((run.work / "shards" / split / "shards").glob("*.tar"))
     import numpy as np
 
     return {s["__key__"]: np.asarray(s["jpg"].convert("RGB")) for s in wds.WebDataset(
@@ -261,7 +301,8 @@ def trainer_convergence(run_dir: str) -> dict:
     if not path.exists():
         return {"sudden_convergence_step": None, "steps": [], "values": []}
     data = json.loads(path.read_text())
-    return {k: data[k] for k in ("steps", "values", "sudden_convergence_step", "metric")}
+    keys = ("steps", "values", "sudden_convergence_step", "metric", "shuffled_values", "p_values", "rule")
+    return {k: data[k] for k in keys if k in data}
 
 
 # ---- the whole reproduction ---------------------------------------------------------------
@@ -326,8 +367,9 @@ def run_jobs(run: Run, jobs: list[Job], workers: int, threads: int) -> None:
     pool.shutdown()
 
 
-def plan(run: Run, s: dict, base: str) -> list[Job]:
-    """Every training and evaluation of the reproduction, most urgent first."""
+def plan(run: Run, s: dict, base: str, part: str | None = None) -> list[Job]:
+    """Every training and evaluation of the reproduction, most urgent first; with
+    part="generalisation" the main trainings, their curves and sets (a)-(c) only."""
     a, last = s["ablation_steps"], s["steps"]
     checkpoint_steps = sorted({*range(s["eval_every"], last + 1, s["eval_every"]), last, a})
     samples = run.work / "samples"
@@ -344,9 +386,26 @@ def plan(run: Run, s: dict, base: str) -> list[Job]:
 
     jobs = [Job(f"train seed {seed}", partial(train, run, s, base, "main", seed, last)) for seed in s["seeds"]]
     jobs += [Job("sample base", partial(sample_and_eval, run, samples / "base", base, None, n)),
-             Job("sample base, no prompt", partial(sample_and_eval, run, samples / "base-none", base, None, n,
-                                                   prompt_mode="none")),
              Job("vae ceiling", partial(vae_ceiling, run, base), deps=("sample base",))]
+    for name in s["sets"]:
+        if name == "new":
+            continue
+        split = SETS[name][0]
+        jobs += [Job(f"sample base {name}", partial(sample_and_eval, run, samples / f"base-{name}", base, None, n,
+                                                    split=split)),
+                 Job(f"vae ceiling {name}", partial(vae_ceiling, run, base, split, f"base-{name}"),
+                     deps=(f"sample base {name}",))]
+    for seed in s["seeds"]:
+        jobs += [Job(f"eval seed {seed} {name}", partial(sample_and_eval, run, samples / f"main-s{seed}-{last}-{name}",
+                                                         base, net("main", seed, last), n, split=SETS[name][0]),
+                     files=ready("main", seed, last)) for name in s["sets"] if name != "new"]
+    if part == "generalisation":
+        curve_steps = sorted({*range(s["eval_every"], last + 1, s["eval_every"]), last})
+        return jobs + [Job(f"eval seed {seed} step {k}", partial(sample_and_eval, run, samples / f"main-s{seed}-{k}",
+                                                                 base, net("main", seed, k), n),
+                           files=ready("main", seed, k)) for seed in s["seeds"] for k in curve_steps]
+    jobs += [Job("sample base, no prompt", partial(sample_and_eval, run, samples / "base-none", base, None, n,
+                                                   prompt_mode="none"))]
     for seed in s["seeds"]:
         jobs += [Job(f"train seed {seed} random init", partial(train, run, s, base, "random-init", seed, a, init="random")),
                  Job(f"train seed {seed} no prompt dropout", partial(train, run, s, base, "dropout0", seed, a, dropout=0.0))]
@@ -376,16 +435,25 @@ def reproduce(args) -> dict:
         s["steps"] = args.steps
     if args.seeds:
         s["seeds"] = list(range(args.seeds))
+    part = getattr(args, "part", None)
+    if part and mode == "quick":
+        raise RefusedOutput("--part splits the full mode; the quick mode runs whole")
     settings = {"mode": mode, **s, "make_base": args.make_base, "base": args.base, "sampling": SAMPLING}
+    if part:
+        settings["part"] = part
     run = Run(Path(args.output), settings)
     workers = args.workers or default_workers(mode)
     threads = max(1, (os.cpu_count() or 1) // workers)
     run.log(f"mode {mode}: {s}; {workers} worker processes x {threads} torch thread(s)")
     run.phase("data", lambda: make_data(run, s))
+    distances = run.phase("check held-out distances", lambda: check_distances(run, s))
     run.phase("build train", lambda: build(run, "train", 1000))
     run.phase("build heldout", lambda: build(run, "heldout", s["heldout"]))
+    for name in s["sets"]:
+        if name != "new":
+            run.phase(f"build {SETS[name][0]}", lambda split=SETS[name][0]: build(run, split, s["heldout"]))
     base = run.phase("base model", lambda: args.base or base_model(run, args.make_base))
-    run_jobs(run, plan(run, s, base), workers, threads)
+    run_jobs(run, plan(run, s, base, part), workers, threads)
 
     def done(name: str):
         return run.done[name]["result"]
@@ -393,9 +461,15 @@ def reproduce(args) -> dict:
     a, last = s["ablation_steps"], s["steps"]
     checkpoint_steps = sorted({*range(s["eval_every"], last + 1, s["eval_every"]), last})
     results: dict = {"mode": mode, "settings": settings, "base_model": base, "seeds": {},
-                     "base": done("sample base"), "base_no_prompt": done("sample base, no prompt"),
-                     "vae_reconstruction": done("vae ceiling")}
+                     "base": done("sample base"), "vae_reconstruction": done("vae ceiling"),
+                     "heldout_distances": distances}
+    if part is None:
+        results["base_no_prompt"] = done("sample base, no prompt")
     for seed in s["seeds"]:
+        if part == "generalisation":
+            results["seeds"][seed] = {"curve": {k: done(f"eval seed {seed} step {k}") for k in checkpoint_steps},
+                                      "convergence": trainer_convergence(done(f"train seed {seed}"))}
+            continue
         results["seeds"][seed] = {
             "curve": {k: done(f"eval seed {seed} step {k}") for k in checkpoint_steps},
             "ablation_step": a,
@@ -409,16 +483,104 @@ def reproduce(args) -> dict:
     shutil.copytree(run.work / "samples" / f"main-s{first}-{last}", run.out / "samples" / "controlnet",
                     dirs_exist_ok=True)
     shutil.copytree(run.work / "samples" / "base", run.out / "samples" / "base", dirs_exist_ok=True)
+    for name in s["sets"]:
+        if name != "new":
+            shutil.copytree(run.work / "samples" / f"main-s{first}-{last}-{name}",
+                            run.out / "samples" / SETS[name][1] / "controlnet", dirs_exist_ok=True)
+            shutil.copytree(run.work / "samples" / f"base-{name}", run.out / "samples" / SETS[name][1] / "base",
+                            dirs_exist_ok=True)
     results["summary"] = summarise(results, s, TARGETS[mode])
+    results["heldout_sets"] = heldout_sets(results, s, done)
     results["seconds"] = {k: v["seconds"] for k, v in run.done.items()}
     results["minutes_wall"] = round((time.time() - run.first_started) / 60, 1)
     results["machine"] = machine()
     (run.out / "results.json").write_text(json.dumps(results, indent=1))
-    from reproduce_report import write_report
-
-    write_report(run.out, results)
+    write_reports(run.out, results, part)
     run.log(f"done: {run.out / 'report.md'}; {json.dumps(results['summary'])}")
     return results
+
+
+def heldout_sets(results: dict, s: dict, done: Callable[[str], dict]) -> dict:
+    """Per held-out set: the ControlNet at the final step (mean over seeds), the base with
+    the same prompts and seeds, shuffled conditions, the VAE ceiling, and the ratios."""
+    out = {}
+    last = s["steps"]
+    for name in s["sets"]:
+        if name == "new":
+            finals = [r["curve"][last] for r in results["seeds"].values()]
+            base, ceiling = results["base"], results["vae_reconstruction"]
+        else:
+            finals = [done(f"eval seed {seed} {name}") for seed in s["seeds"]]
+            base, ceiling = done(f"sample base {name}"), done(f"vae ceiling {name}")
+        f1 = mean_spread([r["f1"] for r in finals])
+        shuffled = mean_spread([r["f1_shuffled"] for r in finals])
+        out[name] = {"title": SETS[name][2], "samples": f"samples/{SETS[name][1] + '/' if SETS[name][1] else ''}",
+                     "controlnet_f1": f1, "controlnet_f1_shuffled": shuffled,
+                     "controlnet_colour_accuracy": mean_spread([r["colour_accuracy"] for r in finals]),
+                     "base_f1": base["f1"], "base_f1_shuffled": base["f1_shuffled"],
+                     "base_colour_accuracy": base["colour_accuracy"], "vae_ceiling_f1": ceiling["f1"],
+                     "ratio_over_base": f1["mean"] / max(base["f1"], 1e-9),
+                     "ratio_over_shuffled": f1["mean"] / max(shuffled["mean"], 1e-9)}
+    return out
+
+
+def heldout_sets_markdown(results: dict) -> list[str]:
+    def fmt(entry: dict) -> str:
+        return f"{entry['mean']:.3f} ± {entry['spread']:.3f}" if entry["n"] > 1 else f"{entry['mean']:.3f}"
+
+    d = results["heldout_distances"]
+    s = results["settings"]
+    lines = ["## Held-out sets: conditions the training never saw", "",
+             f"{s['heldout']} conditions per set, final checkpoint (step {s['steps']}), {len(results['seeds'])} seed(s). "
+             "The training distribution leaves out radii in 13.5-18.5 px and a 2 px neighbourhood (in centre and in "
+             "radius) of each set (a) condition; the run checked the sets as written: set (a) nearest training "
+             f"condition {d.get('a_min_distance_px')} px (max of centre distance and radius difference, "
+             f"must be >= {d['min_px']})"
+             + (f", set (b) nearest training radius {d['b_min_radius_difference_px']} px" if "b_min_radius_difference_px" in d else "")
+             + (f", set (c) smallest gap between its two circles {d['c_min_gap_px']} px" if "c_min_gap_px" in d else "")
+             + ".", "",
+             "| held-out set | ControlNet F1 | against shuffled | base F1 | VAE ceiling | ControlNet / base | "
+             "ControlNet / shuffled | colours right (ControlNet, base) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for entry in results["heldout_sets"].values():
+        lines.append(f"| {entry['title']} (`{entry['samples']}`) | {fmt(entry['controlnet_f1'])} | "
+                     f"{fmt(entry['controlnet_f1_shuffled'])} | {entry['base_f1']:.3f} | {entry['vae_ceiling_f1']:.3f} | "
+                     f"{entry['ratio_over_base']:.2f} | {entry['ratio_over_shuffled']:.2f} | "
+                     f"{entry['controlnet_colour_accuracy']['mean']:.2f}, {entry['base_colour_accuracy']:.2f} |")
+    return lines + [""]
+
+
+def write_reports(out: Path, results: dict, part: str | None) -> None:
+    """report.md: the whole run's (bench/reproduce_report.py) with the held-out sets
+    added; a part writes its own, shorter one."""
+    from reproduce_report import contact_sheet, curve_plot, write_report
+
+    if part is None:
+        write_report(out, results)
+        report = (out / "report.md").read_text()
+        marker = "## Controllability over training"
+        extra = "\n".join(heldout_sets_markdown(results)) + "\n"
+        report = report.replace(marker, extra + marker, 1) if marker in report else report + "\n" + extra
+        (out / "report.md").write_text(report)
+        return
+    results = json.loads(json.dumps(results))
+    curve_plot(out / "curve.png", results)
+    contact_sheet(out / "contact_sheet.png", out / "samples" / "controlnet", out / "samples" / "base")
+    summary = results["summary"]
+    fired = {k: sd["convergence"]["sudden_convergence_step"] for k, sd in results["seeds"].items()}
+    lines = [f"# Does it generalise? (full mode, part {part})", "",
+             f"{results['settings']['train_images']} training images, {len(results['seeds'])} seed(s), "
+             f"{results['settings']['steps']} steps; machine {json.dumps(results['machine'])}; "
+             f"{results['minutes_wall']} minutes of wall time.", "", "![condition | base | ControlNet](contact_sheet.png)",
+             "", *heldout_sets_markdown(results),
+             f"Targets on set (a): {json.dumps(summary['targets'])}: "
+             f"{'met' if all(summary['targets_met'].values()) else 'NOT met: ' + json.dumps(summary['targets_met'])}.", "",
+             "## Controllability over training (set (a))", "", "![curve](curve.png)", "",
+             "Stop signal (the trainer's detector on its own validation): "
+             + ", ".join(f"seed {k}: {'step ' + str(v) if v is not None else 'did not fire'}" for k, v in fired.items()),
+             "", "## Time per phase (s)", "", "| phase | seconds |", "| --- | --- |",
+             *[f"| {k} | {v} |" for k, v in results["seconds"].items()]]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def default_workers(mode: str) -> int:
@@ -474,6 +636,8 @@ def main() -> int:
                         "nothing is expected to learn")
     parser.add_argument("--steps", type=int, help="ControlNet steps of the main runs (default: by mode)")
     parser.add_argument("--seeds", type=int, help="how many seeds (default: 1 quick, 3 full)")
+    parser.add_argument("--part", choices=PARTS, help="run one part of the full mode: generalisation = the main "
+                        "trainings and held-out sets (a)-(c), without the ablations (<= 90 min on 2 cores)")
     parser.add_argument("--workers", type=int, help="processes that train and sample side by side (default: 2, "
                         "3 in full mode, at most the cores; 8 on a GPU); each gets cores / workers torch threads")
     args = parser.parse_args()

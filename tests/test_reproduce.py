@@ -5,6 +5,7 @@ here; tests/test_learns.py checks that training does."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,195 @@ def test_sigterm_stops_the_worker_processes_too(smoke, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_smoke_run_scores_the_three_held_out_sets_beside_set_a(smoke):
+    root, _, _ = smoke
+    out = root / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["heldout_sets"]) == ["new", "excluded", "two"]
+    for entry in results["heldout_sets"].values():
+        assert {"controlnet_f1", "controlnet_f1_shuffled", "base_f1", "vae_ceiling_f1", "ratio_over_base",
+                "ratio_over_shuffled"} <= set(entry)
+    assert results["heldout_distances"]["a_min_distance_px"] >= 2.0
+    assert results["heldout_distances"]["b_min_radius_difference_px"] >= 2.0
+    for kind in ("excluded", "two"):
+        for who in ("controlnet", "base"):
+            assert len(list((out / "samples" / kind / who).glob("[0-9][0-9][0-9][0-9].json"))) == 8
+    assert "## Held-out sets" in (out / "report.md").read_text()
+
+
+# ---- held-out sets and the leak check (bench/circles.py) ----------------------------------
+
+def _circles():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import circles
+
+    return circles
+
+
+def test_training_distribution_leaves_out_the_band_and_a_neighbourhood_of_every_set_a_condition():
+    C = _circles()
+    train, new = C.circle_sets(6000, 64, seed=0)
+    assert (train, new) == C.circle_sets(6000, 64, seed=0), "deterministic from the seed"
+    assert C.circle_sets(100, 8, seed=0)[0] == train[:100], "the training set does not depend on --heldout"
+    assert not any(C.EXCLUDED_RADII_PX[0] < c.r * 64 < C.EXCLUDED_RADII_PX[1] for c in train)
+    for h in new:  # brute force, the definition itself: |d centre| >= 2 px or |d r| >= 2 px for every training circle
+        assert all(math.hypot(h.cx - t.cx, h.cy - t.cy) * 64 >= 2 or abs(h.r - t.r) * 64 >= 2 for t in train)
+    radii = [c.r for c in train]
+    assert all(min(radii) <= h.r <= max(radii) for h in new), "set (a) is in range"
+    found = C.check_heldout(train, new, C.excluded_set(64), C.two_circle_set(64))
+    assert found["a_min_distance_px"] >= 2 and found["b_min_radius_difference_px"] >= 2 and found["c_min_gap_px"] >= 3
+    assert all(len(p.circles) == 2 and p.caption.startswith(f"a {p.fg} circle on a ") for p in C.two_circle_set(8))
+
+
+def test_the_leak_check_fails_on_leaking_sets():
+    C = _circles()
+    train, new = C.circle_sets(2000, 16, seed=0)
+    t = train[5]
+    close_centre = C.Circle(t.fg, t.bg, t.cx + 1.5 / 64, t.cy, t.r + 1.0 / 64)  # 1.5 px and 1 px: a leak
+    with pytest.raises(C.LeakError, match=r"set \(a\): 1 of 17"):
+        C.check_heldout(train, [*new, close_centre])
+    far_centre = C.Circle(t.fg, t.bg, t.cx + 2.5 / 64, t.cy, t.r)  # same radius, centre 2.5 px away: allowed
+    if all(C.condition_distance(far_centre, o) >= 2 for o in train):
+        C.check_heldout(train, [*new, far_centre])
+    with pytest.raises(C.LeakError, match=r"set \(b\)"):
+        C.check_heldout(train, excluded=[C.Circle("red", "white", 0.5, 0.5, train[0].r + 1.9 / 64)])
+    overlapping = C.TwoCircles("red", "white", ((0.4, 0.5, 0.15), (0.6, 0.5, 0.15)))
+    with pytest.raises(C.LeakError, match=r"set \(c\)"):
+        C.check_heldout(train, two=[overlapping])
+
+
+def test_a_leak_fails_the_bench_run(tmp_path):
+    """The bench checks the circles as written: a held-out circle edited to sit next to a
+    training one stops the run."""
+    C = _circles()
+    import reproduce
+
+    s = dict(reproduce.MODES["smoke"])
+    run = reproduce.Run(tmp_path / "out", {"mode": "smoke", **s})
+    reproduce.make_data(run, s)
+    assert reproduce.check_distances(run, s)["a_min_distance_px"] >= 2
+    listing = run.work / "data" / "heldout" / "circles.jsonl"
+    train = C.read_circles(run.work / "data" / "train")
+    lines = listing.read_text().splitlines()
+    leaked = json.loads(lines[0]) | {"cx": train[0].cx, "cy": train[0].cy, "r": train[0].r}
+    listing.write_text("\n".join([json.dumps(leaked), *lines[1:]]) + "\n")
+    with pytest.raises(C.LeakError):
+        reproduce.check_distances(run, s)
+
+
+# ---- the stop signal (train/metrics.py) -----------------------------------------------------
+
+def _validation_scores(rng, own_mean: float, shuffled_mean: float = 0.13, n: int = 16):
+    """Per-image F1 of one validation: against the own and against shuffled conditions,
+    with a shared per-image factor (an image without edges scores low on both)."""
+    import numpy as np
+
+    q = rng.normal(0, 0.04, n)
+    rise = min(1.0, max(0.0, own_mean - shuffled_mean) / 0.3)
+    shuffled = np.clip(shuffled_mean + q + rng.normal(0, 0.05, n), 0, 1)
+    own = np.clip(own_mean + q + rng.normal(0, 0.05 + 0.15 * rise, n), 0, 1)
+    return own, shuffled
+
+
+def _curve(rise_at: int, width: int, step: int, low: float = 0.13, high: float = 0.75) -> float:
+    if width == 0:
+        return high if step >= rise_at else low
+    return low + (high - low) * min(1.0, max(0.0, (step - rise_at) / width))
+
+
+@pytest.mark.parametrize("scipy_missing", [False, True], ids=["wilcoxon", "sign-test"])
+@pytest.mark.parametrize("spacing", [100, 250])
+@pytest.mark.parametrize("width", [0, 300], ids=["jump", "ramp"])
+def test_the_stop_signal_fires_within_one_validation_of_a_planted_rise(spacing, width, scipy_missing, monkeypatch):
+    """A rise planted at step 1000 (a jump, or a ramp over 300 steps whose midpoint is
+    1150): at validation spacings of 100 and 250 steps the signal fires no earlier than
+    the rise and no later than the first validation past its midpoint."""
+    import builtins
+
+    import numpy as np
+
+    from train.metrics import ConvergenceTracker
+
+    if scipy_missing:
+        real_import = builtins.__import__
+        monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                            if name.startswith("scipy") else real_import(name, *a, **k))
+    rise_at, midpoint = 1000, 1000 + width // 2
+    first_past = min(s for s in range(spacing, 10**5, spacing) if s >= midpoint)
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        tracker = ConvergenceTracker()
+        for step in range(spacing, 3001, spacing):
+            tracker.add_scores(step, *_validation_scores(rng, _curve(rise_at, width, step)))
+            if step <= rise_at:
+                assert tracker.converged_at is None, f"fired at {step}, before the rise"
+        assert tracker.converged_at is not None and rise_at <= tracker.converged_at <= first_past, \
+            (seed, tracker.converged_at, tracker.p_values)
+        assert tracker.to_json()["rule"].startswith("own - shuffled")
+
+
+def test_the_stop_signal_does_not_fire_on_noise_or_on_sharper_pictures_alone():
+    import numpy as np
+
+    from train.metrics import ConvergenceTracker
+
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        noise, sharper, small = ConvergenceTracker(), ConvergenceTracker(), ConvergenceTracker()
+        for step in range(100, 5001, 100):
+            noise.add_scores(step, *_validation_scores(rng, 0.13))
+            level = 0.13 + 0.2 * min(1.0, step / 2000)  # both rise together: better circles, not placed
+            sharper.add_scores(step, *_validation_scores(rng, level, level))
+            small.add_scores(step, *_validation_scores(rng, 0.16))  # own 0.03 over shuffled: under the margin
+        assert noise.converged_at is None and sharper.converged_at is None and small.converged_at is None, seed
+
+
+def test_the_stop_signal_asks_for_two_significant_validations_and_drives_stop_after_convergence():
+    import numpy as np
+
+    from train.metrics import ConvergenceTracker
+
+    rng = np.random.default_rng(0)
+    tracker = ConvergenceTracker()
+    levels = {100: 0.13, 200: 0.13, 300: 0.7, 400: 0.13, 500: 0.13, 600: 0.7, 700: 0.72, 800: 0.75}
+    for step, level in levels.items():
+        tracker.add_scores(step, *_validation_scores(rng, level))
+        if step < 700:
+            assert tracker.converged_at is None, "a one-off significant validation (a spike) is not convergence"
+    assert tracker.converged_at == 600
+    assert not tracker.should_stop(700, 200) and tracker.should_stop(800, 200) and not tracker.should_stop(800, None)
+    record = tracker.to_json()
+    assert record["p_values"][5] < 0.01 and record["p_values"][1] > 0.01 and len(record["shuffled_values"]) == 8
+
+
+def test_the_trainer_feeds_the_stop_signal_per_image_scores(tmp_path):
+    """trainer._track_controllability: per-image own and shuffled F1 of the validation
+    images; samples that draw their own condition make it fire at the first of two such
+    validations, and --stop-after-convergence K stops K steps later."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from train import trainer
+
+    C = _circles()
+    _, circles = C.circle_sets(0, 16, seed=0)
+    cfg = SimpleNamespace(condition="canny", validation_annotator=None, seed=0, output_dir=str(tmp_path),
+                          stop_after_convergence=100)
+    tracker = trainer._controllability_tracker(cfg)
+    canny = tracker.annotator
+    pictures = [np.asarray(c.draw()) for c in circles]
+    conditions = [canny(p, np.random.default_rng(0))[0] for p in pictures]
+    batch = {"conditioning_pixel_values": torch.from_numpy(np.stack([np.stack([c] * 3) for c in conditions])) / 255.0}
+    accelerator = SimpleNamespace(log=lambda *a, **k: None)
+    logged: list[str] = []
+    blank = [np.full_like(pictures[0], 128) for _ in pictures]
+    stops = [trainer._track_controllability(tracker, batch, images, cfg, step, accelerator, logged.append)
+             for step, images in ((100, blank), (200, pictures), (300, pictures), (400, pictures))]
+    assert tracker.converged_at == 200 and stops == [False, False, True, True]
+    assert any("sudden convergence detected at step 200" in line for line in logged)
+    record = json.loads((tmp_path / "controllability.json").read_text())
+    assert record["values"][1] > 0.9 and record["shuffled_values"][1] < 0.5 and record["p_values"][1] < 0.01

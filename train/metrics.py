@@ -1,5 +1,5 @@
 """Controllability: re-annotate a generated image and compare with the condition it was
-given (as ControlNet++ does), plus the sudden-convergence detector.
+given (as ControlNet++ does), plus the sudden-convergence detector (the stop signal).
 
 Each metric takes the input condition map and the re-annotated map (uint8 arrays of
 one size) and returns one number; `higher_is_better` says which way is good.
@@ -154,9 +154,78 @@ def controllability(condition: str, annotator, conditions: Sequence[np.ndarray],
     return float(np.mean(scores))
 
 
+def controllability_scores(condition: str, annotator, conditions: Sequence[np.ndarray], images: Sequence[np.ndarray],
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the metric against its own condition and against another image's
+    condition (the conditions rolled by one: a derangement, so no image keeps its own).
+    Oriented so that higher is better (a lower-is-better metric is negated)."""
+    if condition not in METRICS:
+        raise ValueError(f"no controllability metric for {condition!r}; have {sorted(METRICS)}")
+    metric = METRICS[condition]
+    sign = 1.0 if metric.higher_is_better else -1.0
+    conds, again = [], []
+    for cond, image in zip(conditions, images):
+        annotated, _ = annotator(np.asarray(image), np.random.default_rng(seed))
+        cond = np.asarray(cond)
+        if cond.ndim == 3 and annotated.ndim == 2:
+            cond = cond[..., 0]
+        conds.append(cond)
+        again.append(annotated)
+    own = [metric.fn(c, a) for c, a in zip(conds, again)]
+    other = [metric.fn(conds[(i + 1) % len(conds)], a) for i, a in enumerate(again)] if len(conds) > 1 else own
+    return sign * np.asarray(own, np.float64), sign * np.asarray(other, np.float64)
+
+
+#: the stop signal's defaults: own-condition scores must beat shuffled ones by MARGIN
+#: (edge F1 0.05), one-sided, at significance ALPHA, at two validations in a row
+STOP_MARGIN, STOP_ALPHA = 0.05, 0.01
+
+
+def _sign_test(differences: np.ndarray) -> float:
+    """One-sided exact sign test, H1: the median difference is > 0 (zeros dropped)."""
+    from math import comb
+
+    d = differences[differences != 0]
+    n, k = len(d), int((d > 0).sum())
+    if n == 0:
+        return 1.0
+    return float(sum(comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+
+
+def paired_p_value(own: Sequence[float], shuffled: Sequence[float], margin: float = STOP_MARGIN) -> float:
+    """One-sided p-value that own - shuffled exceeds `margin`, paired over the images:
+    Wilcoxon's signed-rank test (scipy), or where scipy is missing the exact sign test."""
+    d = np.asarray(own, np.float64) - np.asarray(shuffled, np.float64) - margin
+    if len(d) < 2 or not np.any(d != 0):
+        return 1.0
+    try:
+        from scipy.stats import wilcoxon
+    except ImportError:  # pragma: no cover - scipy is optional
+        return _sign_test(d)
+    return float(wilcoxon(d, alternative="greater", zero_method="wilcox").pvalue)
+
+
+def significant_convergence(steps: Sequence[int], own: Sequence[Sequence[float]], shuffled: Sequence[Sequence[float]],
+                            margin: float = STOP_MARGIN, alpha: float = STOP_ALPHA) -> int | None:
+    """The stop signal: the first validation step at which the validation images follow
+    their own conditions better than shuffled ones by more than `margin`, significantly
+    (paired one-sided test over the images, p < alpha), and still do at the next
+    validation; None until that next validation confirms it.
+
+    Each validation is judged on its own images, not against the previous validation, so
+    how often validation runs does not change what the rule asks for: spacing only sets
+    how soon after the rise a validation looks (and confirms)."""
+    significant = [paired_p_value(o, s, margin) < alpha for o, s in zip(own, shuffled)]
+    for i in range(len(significant) - 1):
+        if significant[i] and significant[i + 1]:
+            return int(steps[i])
+    return None
+
+
 def sudden_convergence(steps: Sequence[int], values: Sequence[float], higher_is_better: bool = True,
                        min_rise: float | None = None) -> int | None:
-    """The step where the metric jumps, or None.
+    """The step where the metric jumps, or None. The earlier rule, for a curve of means
+    only (no per-image scores); the trainer uses significant_convergence.
 
     Rule: the largest rise between consecutive evaluations, counted only if (a) it is at
     least `min_rise` (default: 3x the median absolute change), (b) it is confirmed: the next
@@ -181,27 +250,70 @@ def sudden_convergence(steps: Sequence[int], values: Sequence[float], higher_is_
 
 class ConvergenceTracker:
     """The metric over training; the sudden-convergence step once the rule finds one
-    (it is kept once found); whether a run asked to stop K steps after it should stop."""
+    (it is kept once found); whether a run asked to stop K steps after it should stop.
 
-    def __init__(self, higher_is_better: bool = True):
+    Given per-image scores (`own`, `shuffled`: add_scores, as the trainer does), the rule
+    is significant_convergence. A one-sided paired test over n images cannot reach
+    p < alpha when 2**-n >= alpha (fewer than 7 images at alpha 0.01; the trainer's
+    default is 4): then, as when only the mean per validation is given (add), the older
+    sudden_convergence on the curve decides, and to_json says so."""
+
+    def __init__(self, higher_is_better: bool = True, margin: float = STOP_MARGIN, alpha: float = STOP_ALPHA):
         self.higher_is_better = higher_is_better
+        self.margin, self.alpha = margin, alpha
         self.steps: list[int] = []
         self.values: list[float] = []
+        self.shuffled_values: list[float] = []
+        self.p_values: list[float] = []
+        self._own: list[np.ndarray] = []
+        self._shuffled: list[np.ndarray] = []
         self.converged_at: int | None = None
 
     def add(self, step: int, value: float) -> int | None:
         self.steps.append(step)
         self.values.append(value)
-        if self.converged_at is None:
+        if self.converged_at is None and not self._own:
             self.converged_at = sudden_convergence(self.steps, self.values, self.higher_is_better)
         return self.converged_at
+
+    def add_scores(self, step: int, own: Sequence[float], shuffled: Sequence[float]) -> int | None:
+        """One validation's per-image scores (higher is better, as controllability_scores
+        gives them); the curve keeps the mean in the metric's own direction."""
+        own, shuffled = np.asarray(own, np.float64), np.asarray(shuffled, np.float64)
+        sign = 1.0 if self.higher_is_better else -1.0
+        self.steps.append(step)
+        self.values.append(float(sign * own.mean()))
+        self.shuffled_values.append(float(sign * shuffled.mean()))
+        self._own.append(own)
+        self._shuffled.append(shuffled)
+        self.p_values.append(paired_p_value(own, shuffled, self.margin))
+        if self.converged_at is not None:
+            return self.converged_at
+        if not self.significance_possible(len(own)):
+            self.converged_at = sudden_convergence(self.steps, self.values, self.higher_is_better)
+        elif len(self._own) >= 2 and self.p_values[-1] < self.alpha and self.p_values[-2] < self.alpha:
+            self.converged_at = significant_convergence(self.steps, self._own, self._shuffled, self.margin, self.alpha)
+        return self.converged_at
+
+    def significance_possible(self, n: int) -> bool:
+        """Whether n paired images can reach p < alpha at all (the smallest one-sided p of
+        the sign and signed-rank tests is 2**-n)."""
+        return 2.0 ** -n < self.alpha
 
     def should_stop(self, step: int, after: int | None) -> bool:
         return after is not None and self.converged_at is not None and step >= self.converged_at + after
 
     def to_json(self) -> dict:
-        return {"steps": self.steps, "values": self.values, "higher_is_better": self.higher_is_better,
-                "sudden_convergence_step": self.converged_at}
+        out = {"steps": self.steps, "values": self.values, "higher_is_better": self.higher_is_better,
+               "sudden_convergence_step": self.converged_at}
+        if self._own and self.significance_possible(min(len(o) for o in self._own)):
+            out.update({"shuffled_values": self.shuffled_values, "p_values": self.p_values,
+                        "rule": f"own - shuffled > {self.margin} per image, one-sided paired test p < {self.alpha}, "
+                                "at two validations in a row (fires at the first)"})
+        elif self._own:
+            out.update({"shuffled_values": self.shuffled_values, "p_values": self.p_values,
+                        "rule": f"too few validation images for p < {self.alpha}: the curve's sudden rise"})
+        return out
 
     def plot(self, path, title: str = "controllability") -> None:
         """A small line chart as PNG (PIL only: no plotting dependency)."""

@@ -453,14 +453,16 @@ def _track_controllability(tracker, batch, images, cfg, step, accelerator, log) 
     """Re-annotate the validation samples, log the metric, look for sudden convergence."""
     import numpy as np
 
-    from .metrics import METRICS, controllability
+    from .metrics import METRICS, controllability_scores
 
     conditions = [(c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for c in batch["conditioning_pixel_values"]]
-    value = controllability(cfg.condition, tracker.annotator, conditions, images, seed=cfg.seed)
+    own, shuffled = controllability_scores(cfg.condition, tracker.annotator, conditions, images, seed=cfg.seed)
     before = tracker.converged_at
-    tracker.add(step, value)
+    tracker.add_scores(step, own, shuffled)  # the stop signal: own vs shuffled, paired over the images
+    value = tracker.values[-1]
     name = METRICS[cfg.condition].name
-    accelerator.log({f"controllability/{name}": value}, step=step)
+    accelerator.log({f"controllability/{name}": value, f"controllability/{name}_shuffled": tracker.shuffled_values[-1]},
+                    step=step)
     if tracker.converged_at is not None and before is None:
         log(f"sudden convergence detected at step {tracker.converged_at} ({name})")
     out = Path(cfg.output_dir)
