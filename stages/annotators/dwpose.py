@@ -54,7 +54,6 @@ through the HF cache).
 from __future__ import annotations
 
 import colorsys
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ import numpy as np
 from ..transform.decode import Rejected
 from .base import AnnotatorError, register
 from .detector import DetectorAnnotator, fit
-from .weights import MissingWeightsError, resolve_weight_files
+from .weights import resolve_weight_files
 
 DETECTOR = "yolox_l.onnx"
 POSE = "dw-ll_ucoco_384.onnx"
@@ -129,15 +128,7 @@ class DWPose(DetectorAnnotator):
 
     def folder(self) -> Path:
         """The folder holding both ONNX files (a local folder, or the hub repo via the HF cache)."""
-        if os.path.isdir(self.weights):
-            missing = [f for f in self.files if not os.path.isfile(os.path.join(self.weights, f))]
-            if missing:
-                raise MissingWeightsError(
-                    f"dwpose: weight file(s) {', '.join(missing)} not found in {self.weights}; download them from "
-                    f"https://huggingface.co/{DEFAULT_WEIGHTS} into that folder, or point "
-                    f"annotator_params.dwpose.weights at a folder that has them")
-            return Path(self.weights)
-        return resolve_weight_files(self.weights, self.files, self.name)
+        return resolve_weight_files(self.weights, self.files, self.name, DEFAULT_WEIGHTS)
 
     def weight_files(self) -> list:
         folder = self.folder()

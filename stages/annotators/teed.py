@@ -20,7 +20,7 @@ import numpy as np
 
 from .base import AnnotatorError, register
 from .detector import DetectorAnnotator, aux_resized, aux_tensor, fit
-from .weights import DEFAULT_REPO, MissingWeightsError, resolve_weight_files
+from .weights import resolve_weight_files
 
 TEED_REPO = "fal-ai/teed"
 
@@ -41,13 +41,8 @@ class TEDNetAnnotator(DetectorAnnotator):
         raise NotImplementedError
 
     def _resolved(self) -> Path:
-        """The folder the checkpoint is in; the missing-weights message names this annotator's
-        hub repo (weights.py names lllyasviel/Annotators, where these files are not)."""
-        try:
-            return resolve_weight_files(self.weights, self.required_files(), self.name)
-        except MissingWeightsError as exc:
-            raise MissingWeightsError(str(exc).replace(f"hub repo {DEFAULT_REPO}", f"hub repo {self.hub_repo}")
-                                      ) from None
+        """The folder the checkpoint is in; a missing file's message names this annotator's hub repo."""
+        return resolve_weight_files(self.weights, self.required_files(), self.name, self.hub_repo)
 
     def checkpoint(self, folder: Path) -> Path:
         """The checkpoint in `folder`. A hub download gives the file's own folder; a local

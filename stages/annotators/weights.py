@@ -17,15 +17,16 @@ class MissingWeightsError(FileNotFoundError):
     """Annotator weights that cannot be found; the message says what and how to fix it."""
 
 
-def resolve_weight_files(source: str, files: tuple[str, ...], condition: str) -> Path:
-    """The local folder holding `files`, from a folder or a hub repo (via the HF cache)."""
+def resolve_weight_files(source: str, files: tuple[str, ...], condition: str, repo: str = DEFAULT_REPO) -> Path:
+    """The local folder holding `files`, from a folder or a hub repo (via the HF cache);
+    `repo`: where the default files come from, named when a folder lacks them."""
     setting = f"annotator_params.{condition}.weights"
     if os.path.isdir(source):
         missing = [f for f in files if not os.path.isfile(os.path.join(source, f))]
         if missing:
             raise MissingWeightsError(
                 f"{condition}: weight file(s) {', '.join(missing)} not found in {source}; put them there "
-                f"(from the hub repo {DEFAULT_REPO}) or point {setting} at a folder that has them")
+                f"(from the hub repo {repo}) or point {setting} at a folder that has them")
         return Path(source)
     from huggingface_hub import hf_hub_download
 
