@@ -299,8 +299,9 @@ def test_sizes_mixed_in_one_call_come_back_in_order(network):
         assert_close(got, annotator(image, rng), label)
 
 
-def test_bf16_runs_with_the_right_shapes_and_dtypes(network, weights):
-    """bf16 against fp32: shapes and dtypes only (random weights say nothing of bf16's quality)."""
+def test_bf16_runs_with_the_right_shapes_and_dtypes(network, weights, capsys):
+    """bf16 against fp32: shapes and dtypes, and the difference recorded for the README's
+    table (random weights: a figure, not a quality claim)."""
     label, reference = network
     name, params = cases(weights)[label]
     low = create([name], {name: params})[name]
@@ -309,9 +310,15 @@ def test_bf16_runs_with_the_right_shapes_and_dtypes(network, weights):
     images = pictures()[:2]
     batched = low.annotate_batch(images, rngs(2))
     one = low(images[0], rngs(1)[0])
+    diffs = []
     for (got, used), image in zip([*batched, one], [*images, images[0]]):
         want, _ = reference(image, rngs(1)[0])
         assert got.shape == want.shape and got.dtype == want.dtype, label
+        levels = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        diffs.append(levels * 255 / 65535 if want.dtype == np.uint16 else levels)
+    levels = np.concatenate([d.ravel() for d in diffs])
+    with capsys.disabled():
+        print(f"\nbf16 vs fp32 {label:<24} max {levels.max():>7.2f}  mean {levels.mean():>7.4f} grey levels")
     assert next(p for p in low.network().parameters()).dtype.is_floating_point
     import torch
 
