@@ -7,7 +7,8 @@
 Inputs: N pictures (skimage.data photos cropped at different offsets, and synthetic
 scenes), each distinct. Networks: the real controlnet-aux / transformers architectures
 (MiDaS DPT-hybrid, HED, PiDiNet, MLSD, OpenPose, NormalBAE, lineart, UperNet
-ConvNeXt-small, BLIP-base) with RANDOM weights built offline: as slow as the real ones,
+ConvNeXt-small, BLIP-base; and in the per-model table TEED, Anyline's MTEED and Depth
+Anything V2 Small) with RANDOM weights built offline: as slow as the real ones,
 with meaningless maps. BLIP's random weights are made to emit `--caption-tokens` tokens
 (min_new_tokens), so generation costs what a real caption does.
 
@@ -37,6 +38,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 NINE = ["canny", "mlsd", "hed", "scribble", "openpose", "seg", "depth", "normal", "lineart"]
 NETWORKS = ["depth", "hed", "scribble", "mlsd", "openpose", "seg", "normal", "lineart"]
+#: newer network annotators, timed per model only (their real-size random-weight stand-ins
+#: exist here; sam and dwpose need real-size networks this bench cannot build offline)
+NEWER = ["teed", "anyline", "depth_anything"]
 
 
 # ------------------------------------------------------------------ inputs and models ---
@@ -90,23 +94,30 @@ def blip_base_shaped(folder: Path, tokens: int) -> Path:
 
 def make_models(work: Path, tiny: bool, tokens: int) -> dict[str, str]:
     from annotator_weights import KINDS, write_random_weights
+    from new_annotator_weights import make_tiny_depth_anything, write_ted_weights
 
     for kind in KINDS:
         write_random_weights(kind, work / "aux")
+    for kind in ("teed", "anyline"):
+        write_ted_weights(kind, work / "ted")
+    newer = {"ted": str(work / "ted"),
+             "depth_anything": str(make_tiny_depth_anything(work / "depth_anything", small=not tiny))}
     if tiny:
         from tiny_models import make_tiny_blip, make_tiny_upernet
 
         return {"aux": str(work / "aux"), "seg": str(make_tiny_upernet(work / "upernet")),
-                "blip": str(make_tiny_blip(work / "blip"))}
+                "blip": str(make_tiny_blip(work / "blip")), **newer}
     from annotators import upernet_convnext_small
 
     return {"aux": str(work / "aux"), "seg": str(upernet_convnext_small(work / "upernet")),
-            "blip": str(blip_base_shaped(work / "blip", tokens))}
+            "blip": str(blip_base_shaped(work / "blip", tokens)), **newer}
 
 
 def annotator_params(models: dict[str, str], detect: int) -> dict[str, dict]:
     common = {"weights": models["aux"], "detect_resolution": detect}
-    return {**{name: dict(common) for name in NETWORKS if name != "seg"}, "seg": {"weights": models["seg"]}}
+    ted = {"weights": models["ted"], "detect_resolution": detect}
+    return {**{name: dict(common) for name in NETWORKS if name != "seg"}, "seg": {"weights": models["seg"]},
+            "teed": ted, "anyline": dict(ted), "depth_anything": {"weights": models["depth_anything"]}}
 
 
 # ------------------------------------------------------------------ GPU sampling ---
@@ -194,7 +205,7 @@ def per_model_table(models, args, device, images) -> list[dict]:
 
     params = annotator_params(models, args.detect_resolution)
     rows = []
-    names = [n for n in NETWORKS + ["blip"] if not args.only or n in args.only]
+    names = [n for n in NETWORKS + NEWER + ["blip"] if not args.only or n in args.only]
     for name in names:
         for precision in args.precisions:
             call = load_model(name, models, params, precision, device, args.caption_tokens)

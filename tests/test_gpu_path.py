@@ -116,7 +116,8 @@ def test_gpu_build_bench_runs_tiny_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_build.json").read_text())
     models = {r["model"] for r in report["per_model"]}
-    assert models == {"depth", "hed", "scribble", "mlsd", "openpose", "seg", "normal", "lineart", "blip"}
+    assert models == {"depth", "hed", "scribble", "mlsd", "openpose", "seg", "normal", "lineart",
+                      "teed", "anyline", "depth_anything", "blip"}
     assert all(r["images_per_s"] and r["images_per_s"] > 0 for r in report["per_model"]), report["per_model"]
     assert {(r["precision"], r["batch"]) for r in report["per_model"]} == {("fp32", 1), ("fp32", 4),
                                                                           ("bf16", 1), ("bf16", 4)}
