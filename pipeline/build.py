@@ -208,8 +208,8 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
             LatentEncoder(cfg.latents, "cpu").setup()
         except ValueError as exc:
             raise BuildError(str(exc)) from None
-    if cfg.text_embeddings:  # a wrong model fails here, named; the empty prompt's, once, beside the manifest
-        _write_empty_text(cfg, out, manifest, todo_any)
+    if cfg.text_embeddings and todo_any:  # a wrong model fails here, named
+        _check_text_embeddings(cfg, manifest)
     if todo_any:
         for annotator in annotators.values():
             annotator.check_weights()  # a missing file fails here, named, before any work
@@ -262,25 +262,19 @@ def _build_locked(cfg: BuildConfig, out: Output, annotators: dict, started: floa
     return summary
 
 
-def _write_empty_text(cfg: BuildConfig, out: Output, manifest: dict[str, Any], todo_any: bool) -> None:
-    """`--text-embeddings`: the base's text encoders load here (on the CPU) before any shard, so
-    a wrong model fails at once, and encode the empty prompt into text_embeddings_empty.npy
-    (and _pooled) beside manifest.json: a trainer's prompt dropout then needs no encoder."""
+def _check_text_embeddings(cfg: BuildConfig, manifest: dict[str, Any]) -> None:
+    """`--text-embeddings`: the base's family, tokenizers and text encoder configs are found
+    here, before any shard, so a wrong model fails at once; no encoder weights load on the
+    driver. The step writes the empty prompt's embedding beside manifest.json."""
     from stages.steps import TextEmbeddingSettings
     from train.families import FamilyError
     from train.text_embeddings import PromptEncoder
 
-    if not todo_any and out.exists(EMPTY_TEXT):
-        return
-    encoder = PromptEncoder(TextEmbeddingSettings(cfg.text_embeddings), "cpu")
     try:
-        files = encoder.empty()
+        family = PromptEncoder(TextEmbeddingSettings(cfg.text_embeddings), "cpu").check()
     except (FamilyError, OSError, ValueError) as exc:
         raise BuildError(f"--text-embeddings {cfg.text_embeddings}: {exc}") from None
-    for name, data in files.items():
-        out.write_atomic(name, data)
-    manifest["text_embeddings"] = {"model": cfg.text_embeddings, "family": encoder.family.NAME,
-                                   "empty": sorted(files)}  # saved with the manifest before any shard
+    manifest["text_embeddings"] = {"model": cfg.text_embeddings, "family": family.NAME}  # saved before any shard
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -74,8 +74,8 @@ class BuildConfig(BaseModel):
                                                         "(JSON on the command line)")
     latents: str | None = Field(None, description="a base model (diffusers folder or hub id) whose VAE encodes each "
                                 "stored image into KEY.latents.npy, so training skips the VAE encoder")
-    text_embeddings: str | None = Field(None, description="a base model (diffusers folder or hub id; SD 1.x/2.x or "
-                                        "SDXL) whose text encoders encode each caption into KEY.text.npy (and "
+    text_embeddings: str | None = Field(None, description="a base model (diffusers folder or hub id; SD 1.x/2.x, "
+                                        "SDXL, SD3 or Flux) whose text encoders encode each caption into KEY.text.npy (and "
                                         "KEY.text_pooled.npy), so training never loads them")
     min_condition_coverage: float | None = Field(None, ge=0, le=1, description="reject a sample when a condition "
                                                  "map has less than this share of non-zero pixels (empty_condition)")

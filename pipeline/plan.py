@@ -92,7 +92,8 @@ def make_steps(cfg: BuildConfig, placement: Placement = Placement(),
     if cfg.text_embeddings:  # the training family's own encoder (train/ is below this floor; stages/ is not)
         from train.text_embeddings import PromptEncoder
 
-        steps.append(EncodeText(TextEmbeddingSettings(cfg.text_embeddings), PromptEncoder, model_gpus))
+        steps.append(EncodeText(TextEmbeddingSettings(cfg.text_embeddings, output=cfg.output), PromptEncoder,
+                                model_gpus))
     on_gpu = {n: a for n, a in annotators.items() if a.uses_model} if placement.annotator_gpus else {}
     on_cpu = {n: a for n, a in annotators.items() if n not in on_gpu}
     gates = AnnotationSettings(cfg.seed, cfg.min_depth_std, cfg.min_condition_coverage)

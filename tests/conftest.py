@@ -78,3 +78,40 @@ def write_synthetic(folder: Path, count: int, start: int = 0, size=(384, 320)) -
         synthetic_image(i, size).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def family_builds(tmp_path_factory) -> dict:
+    """Per family (sd, sdxl, sd3, flux): a tiny random-weight base saved locally and a build
+    of 6 captioned pictures with that base's prompt embeddings (`--text-embeddings`), so a
+    run may train and validate without text encoders. Shared by the tests that need it."""
+    from pipeline.build import run_build
+    from pipeline.config import BuildConfig
+    from tiny_models import make_tiny_flux, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("family_builds")
+    write_synthetic(root / "in", 6, size=(96, 80))
+    for i in range(6):
+        (root / "in" / f"synth_{i:04d}.txt").write_text(f"a red square on a blue sky {i}" if i % 2 else "a cat")
+    out = {}
+    for name, make in (("sd", make_tiny_sd), ("sdxl", make_tiny_sdxl), ("sd3", make_tiny_sd3),
+                       ("flux", make_tiny_flux)):
+        base = make(root / name)
+        run_build(BuildConfig(input=[str(root / "in")], output=str(root / f"out_{name}"), resolution=64, min_size=64,
+                              caption_model="none", keep_captions=True, executor="local", samples_per_shard=3,
+                              preview=0, report_samples=0, text_embeddings=str(base)), log=lambda *_: None)
+        out[name] = (base, root / f"out_{name}")
+    return out
+
+
+def tiny_train_config(out, base, run, **kw):
+    """A TrainConfig for a few steps at 64 px on `out`'s shards, validation at step 3 on 2
+    images; `kw` overrides."""
+    from train.config import TrainConfig
+
+    values = dict(shards=[str(out)], pretrained_model=str(base), output_dir=str(run), resolution=64,
+                  train_batch_size=2, max_train_steps=3, checkpointing_steps=100, validation_steps=3,
+                  num_validation_images=2, validation_inference_steps=2, dataloader_num_workers=0, shuffle_buffer=4,
+                  report_to="none", learning_rate=1e-3)
+    values.update(kw)
+    return TrainConfig(**values)

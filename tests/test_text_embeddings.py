@@ -1,7 +1,7 @@
 """Cached prompt embeddings: `build --text-embeddings MODEL` stores what the base's own text
 encoders make of each caption (and of the empty prompt, once, beside the manifest), and
 the trainer uses them only when they fit its base, then never loading the text encoders
-(tiny SD and SDXL bases with random weights: plumbing and numbers, not quality)."""
+(tiny SD, SDXL, SD3 and Flux bases with random weights: plumbing and numbers, not quality)."""
 
 from __future__ import annotations
 
@@ -13,30 +13,14 @@ import pytest
 import torch
 import webdataset as wds
 
-from conftest import write_synthetic
+from conftest import tiny_train_config, write_synthetic
 
-FAMILIES = ("sd", "sdxl")
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Per family: a tiny base saved locally and a build of 6 captioned pictures with its embeddings."""
-    from pipeline.build import run_build
-    from pipeline.config import BuildConfig
-    from tiny_models import make_tiny_sd, make_tiny_sdxl
-
-    root = tmp_path_factory.mktemp("text_embeddings")
-    write_synthetic(root / "in", 6, size=(96, 80))
-    for i in range(6):
-        (root / "in" / f"synth_{i:04d}.txt").write_text(f"a red square on a blue sky {i}" if i % 2 else "a cat")
-    out = {}
-    for name, make in (("sd", make_tiny_sd), ("sdxl", make_tiny_sdxl)):
-        base = make(root / name)
-        run_build(BuildConfig(input=[str(root / "in")], output=str(root / f"out_{name}"), resolution=64, min_size=64,
-                              caption_model="none", keep_captions=True, executor="local", samples_per_shard=3,
-                              preview=0, report_samples=0, text_embeddings=str(base)), log=lambda *_: None)
-        out[name] = (base, root / f"out_{name}")
-    return out
+def built(family_builds):
+    return family_builds  # conftest.py: a tiny base per family and a build with its prompt embeddings
 
 
 def samples_of(folder):
@@ -63,7 +47,9 @@ def test_stored_embeddings_are_the_family_encoding_of_each_caption(built, name):
     samples = samples_of(out)
     assert len(samples) == 6
     hidden, pooled = encoded(base, [s["txt"].decode() for s in samples])
-    shape, pooled_shape = {"sd": ([16, 32], None), "sdxl": ([16, 32], [16])}[name]  # tiny CLIPs: 16 tokens
+    # tiny CLIPs: 16 tokens; SD3: 16 CLIP tokens then 77 of zeros for its missing T5; Flux: 77 T5 tokens
+    shape, pooled_shape = {"sd": ([16, 32], None), "sdxl": ([16, 32], [16]), "sd3": ([93, 32], [32]),
+                           "flux": ([77, 32], [16])}[name]
     for i, sample in enumerate(samples):
         meta = json.loads(sample["json"])
         stored = np.load(io.BytesIO(sample["text.npy"]))
@@ -89,24 +75,19 @@ def test_stored_embeddings_are_the_family_encoding_of_each_caption(built, name):
 
 
 def train_config(out, base, run, **kw):
-    from train.config import TrainConfig
-
-    values = dict(shards=[str(out)], pretrained_model=str(base), output_dir=str(run), resolution=64,
-                  train_batch_size=2, max_train_steps=3, checkpointing_steps=100, validation_steps=3,
-                  num_validation_images=2, validation_inference_steps=2, dataloader_num_workers=0, shuffle_buffer=4,
-                  report_to="none", learning_rate=1e-3)
-    values.update(kw)
-    return TrainConfig(**values)
+    return tiny_train_config(out, base, run, **kw)
 
 
 def no_text_encoders(monkeypatch):
     """Loading any tokenizer or text encoder of these families raises."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                              T5EncoderModel, T5TokenizerFast)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a text encoder or tokenizer was loaded although the shards' embeddings fit")
 
-    for cls in (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer):
+    for cls in (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast,
+                AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", refuse)
 
 
@@ -177,20 +158,45 @@ def test_a_missing_empty_embedding_means_encoding(built, tmp_path):
     assert cached is None and EMPTY_TEXT in why and "prompt dropout" in why
 
 
-def test_sd3_and_flux_fall_back_and_the_build_refuses_them(built, tmp_path):
-    """Not done for the flow families yet: the trainer says so and encodes; the build stops
-    before any shard, naming the family."""
+def test_a_base_of_another_family_refuses_at_build_and_falls_back_in_training(built, tmp_path):
+    """A base folder that is no known pipeline: the build stops before any shard; SD's
+    embeddings on a Flux base are another family's, so training encodes and says why."""
     from pipeline.cli import main
-    from tiny_models import make_tiny_sd3
     from train import families, text_embeddings
 
-    sd3 = make_tiny_sd3(tmp_path / "sd3")
+    flux = built["flux"][0]
     urls = sorted(str(p) for p in (built["sd"][1] / "shards").glob("*.tar"))
-    cached, why = text_embeddings.cached_text(urls, str(sd3), families.detect(str(sd3)))
-    assert cached is None and "not SD3" in why
+    cached, why = text_embeddings.cached_text(urls, str(flux), families.detect(str(flux)))
+    assert cached is None and "not this base" in why
     write_synthetic(tmp_path / "in", 2)
-    assert main(["build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--resolution", "64",
-                 "--min-size", "64", "--caption-model", "none", "--text-embeddings", str(sd3)]) == 2
-    assert not list((tmp_path / "out").glob("shards/*.tar"))
     assert main(["build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"), "--resolution", "64",
                  "--min-size", "64", "--caption-model", "none", "--text-embeddings", str(tmp_path / "nothing")]) == 2
+    assert not list((tmp_path / "out2").glob("shards/*.tar"))
+
+
+def test_the_driver_checks_the_encoders_without_loading_their_weights(built, tmp_path, monkeypatch):
+    """The build's check before any shard finds the tokenizers and the encoders' configs but
+    loads no encoder weights (T5-XXL would be 19 GB on the driver); a base whose encoder
+    folder is gone fails that check, named, before any shard."""
+    import shutil
+
+    from pipeline.cli import main
+    from stages.steps import TextEmbeddingSettings
+    from train.text_embeddings import PromptEncoder
+
+    base = built["flux"][0]
+    with monkeypatch.context() as patch:
+        no_text_encoders_weights = []
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        for cls in (CLIPTextModel, T5EncoderModel):
+            patch.setattr(cls, "from_pretrained", lambda *a, **k: no_text_encoders_weights.append(a) or 1 / 0)
+        assert PromptEncoder(TextEmbeddingSettings(str(base)), "cpu").check().NAME == "flux"
+        assert no_text_encoders_weights == []
+    broken = tmp_path / "flux"
+    shutil.copytree(base, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    write_synthetic(tmp_path / "in", 2)
+    assert main(["build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--resolution", "64",
+                 "--min-size", "64", "--caption-model", "none", "--text-embeddings", str(broken)]) == 2
+    assert not list((tmp_path / "out").glob("shards/*.tar"))

@@ -86,27 +86,41 @@ def make_tiny_clip_tokenizer(folder: str | Path):
     return tokenizer
 
 
-def make_tiny_sd(folder: str | Path) -> Path:
+#: sizes of the SD-shaped bases: tiny (the tests) and medium (bench/validation_memory.py)
+SD_SIZES = {
+    "tiny": dict(unet=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, cross_attention_dim=32,
+                           attention_head_dim=4, norm_num_groups=8,
+                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+                 vae=dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=8, sample_size=64),
+                 text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2)),
+    "medium": dict(unet=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, sample_size=16,
+                             cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+                             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+                   vae=dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32,
+                            sample_size=128),
+                   text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)),
+}
+
+
+def make_tiny_sd(folder: str | Path, size: str = "tiny") -> Path:
     """A Stable-Diffusion-shaped pipeline folder (unet, vae with SD's 8x factor, CLIP text
-    encoder, tokenizer, DDPM scheduler) from tiny configs, random weights."""
+    encoder, tokenizer, DDPM scheduler) from small configs (SD_SIZES[size]), random weights."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = Path(folder)
+    folder, sizes = Path(folder), SD_SIZES[size]
     torch.manual_seed(0)
     tokenizer = make_tiny_clip_tokenizer(folder / "tokenizer")
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=8, sample_size=64)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
-                                                num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
-                                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.eos_token_id))
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **sizes["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, **sizes["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), num_attention_heads=4,
+                                                max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.eos_token_id, **sizes["text"]))
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False

@@ -9,7 +9,7 @@ tokenizers and text encoders (`families.text_only`) and calls the family's own
 why not.
 
 Layout (docs/SCHEMA.md): `KEY.text.npy` float16 [L, D] (the hidden states the denoiser
-attends to), `KEY.text_pooled.npy` float16 [P] (the pooled embedding, SDXL), the json's
+attends to), `KEY.text_pooled.npy` float16 [P] (the pooled embedding: SDXL, SD3, Flux), the json's
 `text_embeddings: {model, family, shape, pooled_shape, precision}`; the empty prompt's
 pair once per build beside manifest.json (`text_embeddings_empty.npy`,
 `text_embeddings_empty_pooled.npy`).
@@ -41,14 +41,32 @@ class PromptEncoder:
         self.model, self.batch_size = settings.model, getattr(settings, "batch_size", 16)
         self.device, self.frozen = device, None
 
+    def check(self):
+        """The base's family, once its tokenizers and its text encoders' configs are found
+        (FamilyError, OSError or ValueError otherwise): what the driver runs before any
+        shard, without loading an encoder's weights (T5-XXL alone is 19 GB in fp32)."""
+        family = families.detect(self.model)  # FamilyError: an unknown base type, named
+        if not family.CACHED_TEXT:
+            raise families.FamilyError(f"--text-embeddings {self.model}: cached prompt embeddings are not made for "
+                                       f"{family.TITLE} bases; leave the option out (training then encodes the "
+                                       f"prompts)")
+        tokenizers, encoders = family.text_parts(self.model)
+        for cls, sub in tokenizers:
+            cls.from_pretrained(self.model, subfolder=sub)
+        for _, sub in encoders:  # a config read would not do: transformers returns defaults for a missing one
+            if os.path.isdir(self.model):
+                if not os.path.isfile(os.path.join(self.model, sub, "config.json")):
+                    raise OSError(f"{self.model} has no {sub}/config.json: the base's text encoder {sub} is missing")
+            else:
+                from huggingface_hub import hf_hub_download
+
+                hf_hub_download(self.model, f"{sub}/config.json")
+        return family
+
     def setup(self) -> None:
         if self.frozen is not None:
             return
-        family = families.detect(self.model)  # FamilyError: an unknown base type, named
-        if not family.CACHED_TEXT:
-            raise families.FamilyError(f"--text-embeddings {self.model}: cached prompt embeddings are made for SD "
-                                       f"1.x/2.x and SDXL bases so far, not {family.TITLE}; leave the option out "
-                                       f"(training then encodes the prompts)")
+        family = self.check()
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         frozen = families.text_only(family, self.model, self.dtype)
@@ -81,7 +99,8 @@ class PromptEncoder:
         return record
 
     def empty(self) -> dict[str, bytes]:
-        """The empty prompt's embedding files (name -> .npy bytes), for beside manifest.json."""
+        """The empty prompt's embedding files (name -> .npy bytes), for beside manifest.json;
+        made where the samples' are, by the same encoders in the same precision."""
         from stages.models.latents import npy_bytes
 
         hidden, pooled = self([""])[0]
@@ -140,8 +159,7 @@ def cached_text(urls: list[str], pretrained: str, family) -> tuple[CachedText | 
     import webdataset as wds
 
     if not family.CACHED_TEXT:
-        return None, (f"cached prompt embeddings are used for SD 1.x/2.x and SDXL bases so far, not "
-                      f"{family.TITLE}")
+        return None, f"cached prompt embeddings are not used for {family.TITLE} bases"
     if urls[0].startswith("pipe:"):
         return None, "the shards are read through a pipe: the build's empty-prompt embedding cannot be found"
     for sample in wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False, nodesplitter=None):

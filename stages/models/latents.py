@@ -1,11 +1,14 @@
 """Cached latents: each stored image encoded once at build time with the base model's VAE,
 so training never runs the VAE encoder (`build --latents MODEL`).
 
-`KEY.latents.npy` holds float16 [C, H/f, W/f]: the latent distribution's mean times the
-VAE's scaling factor (what diffusers' trainers feed the UNet, minus the posterior noise);
-`KEY.json` records `latents: {model, scaling_factor, shape}` so a trainer can tell whether
-they belong to its base model. Encoded from the stored JPEG (the exact pixels a trainer
-would read), in batches, on a GPU when the step runs in a GPU actor.
+`KEY.latents.npy` holds float16 [C, H/f, W/f]: (mean - shift_factor) x scaling_factor of
+the latent distribution, what diffusers' trainers feed the denoiser minus the posterior
+noise. The shift is the VAE's own (SD3 and Flux VAEs have one; SD 1.x/2.x and SDXL do not:
+0), applied here exactly as their trainers apply it, so the cached latents of every family
+are the ones its loss would make. `KEY.json` records `latents: {model, scaling_factor,
+shift_factor, shape}` so a trainer can tell whether they belong to its base model (shards
+made before the shift was applied record no shift_factor). Encoded from the stored JPEG (the
+exact pixels a trainer would read), in batches, on a GPU when the step runs in a GPU actor.
 """
 
 from __future__ import annotations
@@ -39,8 +42,14 @@ class LatentEncoder:
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
 
+    @property
+    def shift_factor(self) -> float:
+        """The VAE's latent shift (SD3, Flux); 0 for VAEs without one (SD, SDXL: None or absent)."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
     def info(self, shape: tuple[int, ...]) -> dict[str, Any]:
-        return {"model": self.model, "scaling_factor": float(self.vae.config.scaling_factor), "shape": list(shape)}
+        return {"model": self.model, "scaling_factor": float(self.vae.config.scaling_factor),
+                "shift_factor": self.shift_factor, "shape": list(shape)}
 
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """H x W x 3 uint8 images (one size per call) -> float16 [C, H/f, W/f] latents."""
@@ -53,7 +62,7 @@ class LatentEncoder:
             batch = np.stack(images[start:start + self.batch_size])
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device, dtype) / 127.5 - 1
             with torch.no_grad():
-                mean = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+                mean = (self.vae.encode(x).latent_dist.mean - self.shift_factor) * self.vae.config.scaling_factor
             out.extend(m for m in mean.float().cpu().numpy().astype(np.float16))
         return out
 

@@ -20,6 +20,7 @@ from .base import Step, timed
 class TextEmbeddingSettings:
     model: str  # the base model (diffusers folder or hub id) whose text encoders encode the captions
     batch_size: int = 16  # prompts per encoder forward pass
+    output: str | None = None  # the build's output URL: the empty prompt's embedding is written there once
 
 
 class EncodeText(Step):
@@ -32,6 +33,7 @@ class EncodeText(Step):
     def __init__(self, settings: TextEmbeddingSettings, encoder: Callable[..., Any], num_gpus: float = 0.0):
         self.settings, self.num_gpus, self.actor = settings, num_gpus, num_gpus > 0
         self.encoder = encoder(settings, "cuda" if num_gpus > 0 else None)  # loads its models on first use
+        self.empty_written = False
 
     def __call__(self, work: ShardWork) -> ShardWork:
         from ..models.latents import npy_bytes
@@ -42,4 +44,21 @@ class EncodeText(Step):
                 sample.text_embeddings = npy_bytes(hidden)
                 sample.text_pooled = None if pooled is None else npy_bytes(pooled)
                 sample.text_info = self.encoder.info(hidden, pooled)
+            self.write_empty()
         return work
+
+    def write_empty(self) -> None:
+        """The empty prompt's embedding beside manifest.json, for prompt dropout, before this
+        actor's first shard is written: made here, where the encoders are loaded (on a GPU
+        when the build has one), not on the driver. Every actor makes the same bytes, so two
+        that race write the same file."""
+        if self.empty_written or not self.settings.output:
+            return
+        from ..shards.layout import EMPTY_TEXT
+        from ..shards.output import Output
+
+        out = Output(self.settings.output)
+        if not out.exists(EMPTY_TEXT):
+            for name, data in self.encoder.empty().items():
+                out.write_atomic(name, data)
+        self.empty_written = True

@@ -174,13 +174,47 @@ class Family(abc.ABC):
     def base_pipeline(self, frozen: Frozen):
         """The base's own diffusers pipeline (BASE_PIPELINE), without a ControlNet, made once
         and kept on `frozen`: prompts are encoded with it (flow families), and the base alone
-        samples through it."""
+        samples through it. A text-only Frozen (`families.text_only`: `build --text-embeddings`)
+        gets a pipeline of its tokenizers and text encoders alone, enough for `encode_prompt`."""
         if frozen.base_pipe is None:
             import diffusers
 
+            text_only = frozen.denoiser is None
+            scheduler = None if text_only else self.sampling_scheduler(frozen)
+            denoiser = ConfigOnly.read(frozen.pretrained) if text_only else frozen.denoiser
             frozen.base_pipe = getattr(diffusers, self.BASE_PIPELINE)(
-                **self.pipeline_parts(frozen, frozen.denoiser, self.sampling_scheduler(frozen)))
+                **self.pipeline_parts(frozen, denoiser, scheduler))
         return frozen.base_pipe
+
+
+class ConfigOnly:
+    """A denoiser's config without its weights, standing in for it in a text-only pipeline:
+    `encode_prompt` reads sizes from it (SD3 without T5 makes T5's zeros
+    joint_attention_dim wide), and nothing a text encoder does needs the weights."""
+
+    def __init__(self, config: dict):
+        from diffusers.configuration_utils import FrozenDict
+
+        self.config = FrozenDict(config)
+
+    @classmethod
+    def read(cls, pretrained: str) -> "ConfigOnly | None":
+        """The base's transformer (or UNet) config.json, from its folder or the hub cache;
+        None where it has none."""
+        import json
+        import os
+
+        for folder in ("transformer", "unet"):
+            path = os.path.join(pretrained, folder, "config.json")
+            if not os.path.isfile(path):
+                try:
+                    from huggingface_hub import hf_hub_download
+
+                    path = hf_hub_download(pretrained, f"{folder}/config.json")
+                except Exception:
+                    continue
+            return cls(json.loads(open(path).read()))
+        return None
 
 
 def missing(family) -> list[str]:

@@ -15,13 +15,17 @@ from . import FamilyError, Frozen, flow, initialise, load_frozen
 GUIDANCE = 3.5  # the distilled guidance scale a Flux-dev base is trained and sampled with
 
 
-def _packed_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def _pack(latents: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """[B, C, H, W] latents -> 2x2-packed [B, H/2 * W/2, 4C], and H, W (for the image ids)."""
     from diffusers import FluxPipeline
 
-    latents = vae.encode(pixels).latent_dist.sample()
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
     b, c, h, w = latents.shape
     return FluxPipeline._pack_latents(latents, b, c, h, w), h, w
+
+
+def _packed_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    latents = vae.encode(pixels).latent_dist.sample()
+    return _pack((latents - vae.config.shift_factor) * vae.config.scaling_factor)
 
 
 class Flux(flow.Flow):
@@ -68,7 +72,10 @@ class Flux(flow.Flow):
 
         vae = frozen.vae
         with torch.no_grad():
-            latents, h, w = _packed_latents(vae, batch["pixel_values"].to(device, dtype))
+            if "latents" in batch:  # cached at build time, shifted and scaled: only the packing is left
+                latents, h, w = _pack(batch["latents"].to(device).float())
+            else:
+                latents, h, w = _packed_latents(vae, batch["pixel_values"].to(device, dtype))
             condition, _, _ = _packed_latents(vae, (batch["conditioning_pixel_values"] * 2 - 1).to(device, dtype))
             embeds, added = self.batch_conditioning(frozen, batch, dropout, device)
         latents, condition = latents.float(), condition.float()
@@ -101,7 +108,12 @@ class Flux(flow.Flow):
         initialise((*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder), init)
         return net
 
+    def cached_prompt_args(self, frozen: Frozen, pipe, hidden, pooled, device) -> dict:
+        """The prompts' stored embeddings; Flux-dev has no negative branch (its guidance is
+        distilled into the guidance embedding)."""
+        return {"prompt_embeds": hidden.to(device), "pooled_prompt_embeds": pooled.to(device)}
+
     def pipeline_parts(self, frozen: Frozen, denoiser, scheduler) -> dict:
-        return dict(scheduler=scheduler, vae=frozen.vae, text_encoder=frozen.text_encoders[0],
-                    tokenizer=frozen.tokenizers[0], text_encoder_2=frozen.text_encoders[1],
-                    tokenizer_2=frozen.tokenizers[1], transformer=denoiser)
+        (tokenizer, encoder), (tokenizer_2, encoder_2) = (self.text_part(frozen, i) for i in range(2))
+        return dict(scheduler=scheduler, vae=frozen.vae, text_encoder=encoder, tokenizer=tokenizer,
+                    text_encoder_2=encoder_2, tokenizer_2=tokenizer_2, transformer=denoiser)

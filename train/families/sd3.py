@@ -101,9 +101,18 @@ class SD3(flow.Flow):
         initialise((*net.controlnet_blocks, net.pos_embed_input.proj), init)
         return net
 
+    def cached_prompt_args(self, frozen: Frozen, pipe, hidden, pooled, device) -> dict:
+        """Both CFG branches from stored embeddings: the prompts', and the stored empty
+        prompt's for the negative branch (what the pipeline encodes when given none)."""
+        empty_hidden, empty_pooled = frozen.empty_text
+        n = hidden.shape[0]
+        return {"prompt_embeds": hidden.to(device), "pooled_prompt_embeds": pooled.to(device),
+                "negative_prompt_embeds": empty_hidden.expand(n, -1, -1).to(device),
+                "negative_pooled_prompt_embeds": empty_pooled.expand(n, -1).to(device)}
+
     def pipeline_parts(self, frozen: Frozen, denoiser, scheduler) -> dict:
-        third = len(frozen.text_encoders) > 2
-        return dict(transformer=denoiser, scheduler=scheduler, vae=frozen.vae, text_encoder=frozen.text_encoders[0],
-                    tokenizer=frozen.tokenizers[0], text_encoder_2=frozen.text_encoders[1],
-                    tokenizer_2=frozen.tokenizers[1], text_encoder_3=frozen.text_encoders[2] if third else None,
-                    tokenizer_3=frozen.tokenizers[2] if third else None)
+        (tokenizer, encoder), (tokenizer_2, encoder_2), (tokenizer_3, encoder_3) = (
+            self.text_part(frozen, i) for i in range(3))
+        return dict(transformer=denoiser, scheduler=scheduler, vae=frozen.vae, text_encoder=encoder,
+                    tokenizer=tokenizer, text_encoder_2=encoder_2, tokenizer_2=tokenizer_2,
+                    text_encoder_3=encoder_3, tokenizer_3=tokenizer_3)
