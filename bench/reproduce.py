@@ -4,6 +4,8 @@ own commands (build, train, sample, eval), on a tiny base model that runs on a C
     python bench/reproduce.py --quick --output out/repro       # <= 30 min on 2 CPU cores
     python bench/reproduce.py --output out/repro-full          # 3 seeds, longer runs, all ablations
     python bench/reproduce.py --output out/gen --part generalisation  # 3 seeds, sets (a)-(c) only
+    python bench/reproduce.py --output out/cons --part consistency    # with / without the consistency loss
+    python bench/reproduce.py --output out/comp --part composition    # canny + colour-grid ControlNets composed
 
 Steps: write circles (bench/circles.py) -> `controlforge build --conditions canny
 --keep-captions` for the training and the held-out set -> `controlforge train` on the
@@ -58,7 +60,18 @@ MODES = {
 SETS = {"new": ("heldout", "", "(a) new in-range conditions"),
         "excluded": ("excluded", "excluded", "(b) excluded radius band"),
         "two": ("two", "two", "(c) two circles in one picture")}
-PARTS = ("generalisation",)
+PARTS = ("generalisation", "consistency", "composition")
+#: --part consistency: one training per seed to `fork_step`, then two arms from its ControlNet
+#: for `extra_steps` more, with and without ControlNet++'s consistency loss (`weight`), the
+#: same seeds and batches; both scored on every held-out set. Kept apart from MODES so that
+#: the other parts' recorded settings do not change.
+CONSISTENCY = {"full": dict(fork_step=1000, extra_steps=250, weight=0.5),
+               "smoke": dict(fork_step=2, extra_steps=2, weight=0.5)}
+#: --part composition: per seed a canny ControlNet and a colour-grid ControlNet (T2I-Adapter's
+#: colour condition: colour without shape), `steps` each; set (a) sampled with each alone and
+#: with both composed, every sample scored for edges and for colours.
+COMPOSITION = {"full": dict(steps=1000), "smoke": dict(steps=2)}
+COMPOSED = {"canny only": ("canny",), "colour only": ("color_grid",), "composed": ("canny", "color_grid")}
 SAMPLING = dict(steps=20, guidance_scale=5.0, mode="paper")
 GUIDANCE_MODES = {  # name -> sampler flags, on the same checkpoint
     "paper (CFG resolution weighting)": ["--mode", "paper"],
@@ -166,9 +179,9 @@ def check_distances(run: Run, s: dict) -> dict:
     return found
 
 
-def build(run: Run, split: str, per_shard: int) -> dict:
+def build(run: Run, split: str, per_shard: int, conditions: str = "canny") -> dict:
     out = run.work / "shards" / split
-    controlforge("build", "--input", run.work / "data" / split, "--output", out, "--conditions", "canny",
+    controlforge("build", "--input", run.work / "data" / split, "--output", out, "--conditions", conditions,
                  "--keep-captions", "--caption-model", "none", "--resolution", 64, "--min-size", 64,
                  "--samples-per-shard", per_shard, "--executor", "local", "--preview", 0, "--overwrite")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -186,10 +199,12 @@ def base_model(run: Run, make: bool) -> str:
 
 
 def train(run: Run, s: dict, base: str, name: str, seed: int, steps: int, init: str = "zero",
-          dropout: float = 0.5) -> str:
+          dropout: float = 0.5, controlnet: str | None = None, extra: tuple = ()) -> str:
     """`controlforge train` with the reproduction's recipe; checkpoints every `eval_every`
-    steps (each holds a ControlNet folder to sample), validation on the held-out shards."""
+    steps (each holds a ControlNet folder to sample), validation on the held-out shards.
+    `controlnet`: start from that ControlNet; `extra`: further flags."""
     out = run.work / "runs" / f"{name}-s{seed}"
+    extra = (*(("--controlnet", controlnet) if controlnet else ()), *extra)
     controlforge("train", "--shards", run.work / "shards" / "train", "--pretrained-model", base,
                  "--output-dir", out, "--resolution", 64, "--train-batch-size", s["batch"],
                  "--max-train-steps", steps, "--learning-rate", s["learning_rate"],
@@ -199,7 +214,7 @@ def train(run: Run, s: dict, base: str, name: str, seed: int, steps: int, init: 
                  "--validation-shards", run.work / "shards" / "heldout", "--validation-steps", s["validation_steps"],
                  "--num-validation-images", 16, "--validation-inference-steps", SAMPLING["steps"],
                  "--validation-guidance-scale", SAMPLING["guidance_scale"], "--dataloader-num-workers", 0,
-                 "--shuffle-buffer", 1000, "--report-to", "none", "--seed", seed, "--resume", "latest")
+                 "--shuffle-buffer", 1000, "--report-to", "none", "--seed", seed, "--resume", "latest", *extra)
     return str(out)
 
 
@@ -384,6 +399,10 @@ def plan(run: Run, s: dict, base: str, part: str | None = None) -> list[Job]:
     def net(name: str, seed: int, step: int) -> str:
         return str(runs(name, seed) / f"checkpoint-{step}" / "controlnet")
 
+    if part == "consistency":
+        return consistency_plan(run, s, base, ready, net)
+    if part == "composition":
+        return composition_plan(run, s, base, ready, net)
     jobs = [Job(f"train seed {seed}", partial(train, run, s, base, "main", seed, last)) for seed in s["seeds"]]
     jobs += [Job("sample base", partial(sample_and_eval, run, samples / "base", base, None, n)),
              Job("vae ceiling", partial(vae_ceiling, run, base), deps=("sample base",))]
@@ -428,6 +447,167 @@ def plan(run: Run, s: dict, base: str, part: str | None = None) -> list[Job]:
     return jobs
 
 
+ARMS = {"off": (), "on": None}  # the consistency arms: without the loss, and with it (flags made from settings)
+
+
+def consistency_plan(run: Run, s: dict, base: str, ready, net) -> list[Job]:
+    """Per seed: train to fork_step; from that ControlNet, extra_steps more without and with
+    the consistency loss; score both arms on every held-out set. The base is scored too."""
+    c = s["consistency"]
+    samples, n = run.work / "samples", s["curve_samples"]
+    jobs = [Job(f"sample base {name}", partial(sample_and_eval, run, samples / f"base-{name}", base, None, n,
+                                               split=SETS[name][0])) for name in s["sets"]]
+    for seed in s["seeds"]:
+        jobs.append(Job(f"train seed {seed} to fork", partial(train, run, s, base, "fork", seed, c["fork_step"])))
+    for seed in s["seeds"]:
+        start = net("fork", seed, c["fork_step"])
+        for arm in ARMS:
+            flags = () if arm == "off" else ("--consistency-weight", c["weight"])
+            jobs.append(Job(f"train seed {seed} consistency {arm}",
+                            partial(train, run, s, base, f"consistency-{arm}", seed, c["extra_steps"],
+                                    controlnet=start, extra=flags), files=ready("fork", seed, c["fork_step"])))
+    for seed in s["seeds"]:
+        for arm in ARMS:
+            jobs += [Job(f"eval seed {seed} consistency {arm} {name}", partial(
+                sample_and_eval, run, samples / f"consistency-{arm}-s{seed}-{name}", base,
+                net(f"consistency-{arm}", seed, c["extra_steps"]), n, split=SETS[name][0]),
+                files=ready(f"consistency-{arm}", seed, c["extra_steps"])) for name in s["sets"]]
+    return jobs
+
+
+def consistency_results(run: Run, s: dict) -> dict:
+    """Per held-out set: F1 and colour following of both arms (mean and spread over seeds),
+    the difference on = off per seed, and the seconds per training step of each arm."""
+    c, seeds = s["consistency"], s["seeds"]
+
+    def done(name: str):
+        return run.done[name]["result"]
+
+    sets = {}
+    for name in s["sets"]:
+        arms = {arm: [done(f"eval seed {seed} consistency {arm} {name}") for seed in seeds] for arm in ARMS}
+        sets[name] = {"title": SETS[name][2], "base": done(f"sample base {name}"),
+                      **{arm: {"f1": mean_spread([r["f1"] for r in rs]),
+                               "f1_shuffled": mean_spread([r["f1_shuffled"] for r in rs]),
+                               "colour_accuracy": mean_spread([r["colour_accuracy"] for r in rs])}
+                         for arm, rs in arms.items()},
+                      "f1_gain_per_seed": [on["f1"] - off["f1"] for on, off in zip(arms["on"], arms["off"])],
+                      "colour_gain_per_seed": [on["colour_accuracy"] - off["colour_accuracy"]
+                                               for on, off in zip(arms["on"], arms["off"])]}
+    seconds = {arm: [run.done[f"train seed {seed} consistency {arm}"]["seconds"] / c["extra_steps"] for seed in seeds]
+               for arm in ARMS}
+    return {"settings": c, "sets": sets,
+            "seconds_per_step": {arm: mean_spread(v) for arm, v in seconds.items()},
+            "cost_ratio": float(sum(seconds["on"]) / max(sum(seconds["off"]), 1e-9)),
+            "goal": "at least +0.03 F1 on set (a), colour following no worse"}
+
+
+def consistency_markdown(result: dict) -> list[str]:
+    c = result["settings"]
+    lines = ["## Consistency fine-tuning (ControlNet++)", "",
+             f"From each seed's ControlNet at step {c['fork_step']}, {c['extra_steps']} more steps without and with "
+             f"the consistency loss (weight {c['weight']}), the same seeds; sets scored with 2 px edge F1 and colour "
+             f"following. Cost: {result['seconds_per_step']['on']['mean']:.2f} s/step with it, "
+             f"{result['seconds_per_step']['off']['mean']:.2f} without ({result['cost_ratio']:.2f}x, job wall time "
+             f"incl. model loading).", "",
+             "| set | F1 off | F1 on | gain per seed | colours off | colours on | base F1 |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for entry in result["sets"].values():
+        lines.append(f"| {entry['title']} | {entry['off']['f1']['mean']:.3f} | {entry['on']['f1']['mean']:.3f} | "
+                     + ", ".join(f"{g:+.3f}" for g in entry["f1_gain_per_seed"])
+                     + f" | {entry['off']['colour_accuracy']['mean']:.2f} | {entry['on']['colour_accuracy']['mean']:.2f}"
+                     f" | {entry['base']['f1']:.3f} |")
+    return lines + [""]
+
+
+def composed_sample_and_score(run: Run, folder: Path, base: str, nets: list[tuple[str, str]], n: int,
+                              split: str = "heldout") -> dict:
+    """`controlforge sample` with the (ControlNet, condition) pairs in `nets` composed (none:
+    the base alone), conditions from the held-out shard; each sample scored twice against
+    the shard's own maps: edge F1 against canny, colour error against color_grid (so every
+    arm is scored against both, whichever it was given), plus the caption colours."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from stages.annotators import create
+    from train.metrics import controllability
+
+    shard = sorted((run.work / "shards" / split / "shards").glob("*.tar"))[0]
+    if folder.exists():
+        shutil.rmtree(folder)
+    pairs = [x for path, condition in nets for x in ("--controlnet", path, "--condition", condition)]
+    controlforge("sample", "--pretrained-model", base, *(pairs or ["--condition", "canny"]), "--shard", shard,
+                 "--num", n, "--prompt-mode", "auto", "--steps", SAMPLING["steps"], "--resolution", 64, "--seed", 0,
+                 "--output", folder, "--mode", SAMPLING["mode"], "--guidance-scale", SAMPLING["guidance_scale"])
+    maps = {s["__key__"]: {c: np.asarray(s[f"{c}.png"].convert("L" if c == "canny" else "RGB"))
+                           for c in ("canny", "color_grid")}
+            for s in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False).decode("pil")}
+    annotators = create(["canny", "color_grid"])
+    f1, colour = [], []
+    for record_path in sorted(folder.glob("[0-9][0-9][0-9][0-9].json")):
+        record = json.loads(record_path.read_text())
+        image = np.asarray(Image.open(folder / f"{record['index']:04d}.png").convert("RGB"))
+        own = maps[record["source"]]
+        f1.append(controllability("canny", annotators["canny"], [own["canny"]], [image]))
+        colour.append(controllability("color_grid", annotators["color_grid"], [own["color_grid"]], [image]))
+    result = {"f1": float(np.mean(f1)), "colour_error": float(np.mean(colour)),
+              "colour_following": 1.0 - float(np.mean(colour)), "colour_accuracy": colour_accuracy(run, folder, split)}
+    run.log(f"   {folder.relative_to(run.out)}: F1 {result['f1']:.3f}, colour error {result['colour_error']:.3f}, "
+            f"caption colours right {result['colour_accuracy']:.2f}")
+    return result
+
+
+def composition_plan(run: Run, s: dict, base: str, ready, net) -> list[Job]:
+    c, n, samples = s["composition"], s["curve_samples"], run.work / "samples"
+    jobs = [Job("sample base", partial(composed_sample_and_score, run, samples / "base", base, [], n))]
+    for seed in s["seeds"]:
+        jobs += [Job(f"train seed {seed} canny", partial(train, run, s, base, "canny", seed, c["steps"])),
+                 Job(f"train seed {seed} colour", partial(train, run, s, base, "colour", seed, c["steps"],
+                                                          extra=("--condition", "color_grid")))]
+    for seed in s["seeds"]:
+        paths = {"canny": net("canny", seed, c["steps"]), "color_grid": net("colour", seed, c["steps"])}
+        for arm, conditions in COMPOSED.items():
+            needs = tuple(f for cond in conditions for f in ready("canny" if cond == "canny" else "colour", seed,
+                                                                   c["steps"]))
+            jobs.append(Job(f"eval seed {seed} {arm}", partial(
+                composed_sample_and_score, run, samples / f"{arm.replace(' ', '-')}-s{seed}", base,
+                [(paths[cond], cond) for cond in conditions], n), files=needs))
+    return jobs
+
+
+def composition_results(run: Run, s: dict) -> dict:
+    """Per arm: F1 against canny and colour following (1 - colour error) against the colour
+    grid, mean and spread over seeds; the goal ratios of the composed arm."""
+    def done(name: str):
+        return run.done[name]["result"]
+
+    arms = {arm: [done(f"eval seed {seed} {arm}") for seed in s["seeds"]] for arm in COMPOSED}
+    table = {arm: {key: mean_spread([r[key] for r in rs]) for key in ("f1", "colour_following", "colour_accuracy")}
+             for arm, rs in arms.items()}
+    composed = table["composed"]
+    return {"settings": s["composition"], "base": done("sample base"), "arms": table,
+            "f1_vs_canny_only": composed["f1"]["mean"] / max(table["canny only"]["f1"]["mean"], 1e-9),
+            "colour_vs_colour_only": composed["colour_following"]["mean"]
+            / max(table["colour only"]["colour_following"]["mean"], 1e-9),
+            "goal": "composed >= 0.9x canny-only F1 and >= 0.9x colour-only colour following"}
+
+
+def composition_markdown(result: dict) -> list[str]:
+    lines = ["## Composition: a canny ControlNet and a colour-grid ControlNet", "",
+             f"Each trained {result['settings']['steps']} steps per seed; set (a), every sample scored for edges "
+             "(F1 against its canny map) and colours (1 - mean absolute difference of colour grids; and the share "
+             "whose two main colours are the caption's).", "",
+             "| arm | edge F1 | colour following | caption colours |", "| --- | ---: | ---: | ---: |"]
+    rows = {**result["arms"], "base alone": {k: {"mean": result["base"][k]} for k in
+                                             ("f1", "colour_following", "colour_accuracy")}}
+    for arm, entry in rows.items():
+        lines.append(f"| {arm} | {entry['f1']['mean']:.3f} | {entry['colour_following']['mean']:.3f} | "
+                     f"{entry['colour_accuracy']['mean']:.2f} |")
+    return lines + ["", f"Composed / canny only, F1: {result['f1_vs_canny_only']:.2f}x; composed / colour only, colour "
+                        f"following: {result['colour_vs_colour_only']:.2f}x (goal: 0.9x each).", ""]
+
+
 def reproduce(args) -> dict:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     s = dict(MODES[mode])
@@ -439,16 +619,20 @@ def reproduce(args) -> dict:
     if part and mode == "quick":
         raise RefusedOutput("--part splits the full mode; the quick mode runs whole")
     settings = {"mode": mode, **s, "make_base": args.make_base, "base": args.base, "sampling": SAMPLING}
+    extra = {"consistency": CONSISTENCY, "composition": COMPOSITION}.get(part)
+    if extra:
+        s[part] = extra[mode]
     if part:
-        settings["part"] = part
+        settings = {**settings, **({part: s[part]} if extra else {}), "part": part}
     run = Run(Path(args.output), settings)
     workers = args.workers or default_workers(mode)
     threads = max(1, (os.cpu_count() or 1) // workers)
     run.log(f"mode {mode}: {s}; {workers} worker processes x {threads} torch thread(s)")
     run.phase("data", lambda: make_data(run, s))
     distances = run.phase("check held-out distances", lambda: check_distances(run, s))
-    run.phase("build train", lambda: build(run, "train", 1000))
-    run.phase("build heldout", lambda: build(run, "heldout", s["heldout"]))
+    conditions = "canny,color_grid" if part == "composition" else "canny"
+    run.phase("build train", lambda: build(run, "train", 1000, conditions))
+    run.phase("build heldout", lambda: build(run, "heldout", s["heldout"], conditions))
     for name in s["sets"]:
         if name != "new":
             run.phase(f"build {SETS[name][0]}", lambda split=SETS[name][0]: build(run, split, s["heldout"]))
@@ -458,6 +642,21 @@ def reproduce(args) -> dict:
     def done(name: str):
         return run.done[name]["result"]
 
+    if part in ("consistency", "composition"):
+        made, markdown, title = ((consistency_results, consistency_markdown, "Consistency fine-tuning")
+                                 if part == "consistency" else
+                                 (composition_results, composition_markdown, "Composed ControlNets"))
+        results = {"mode": mode, "settings": settings, "base_model": base, "heldout_distances": distances,
+                   part: made(run, s), "machine": machine(),
+                   "seconds": {k: v["seconds"] for k, v in run.done.items()},
+                   "minutes_wall": round((time.time() - run.first_started) / 60, 1)}
+        (run.out / "results.json").write_text(json.dumps(results, indent=1))
+        (run.out / "report.md").write_text("\n".join([f"# {title} ({mode} mode, part {part})", "",
+                                                      *markdown(results[part]),
+                                                      f"{results['minutes_wall']} minutes of wall time; machine "
+                                                      f"{json.dumps(results['machine'])}."]) + "\n")
+        run.log(f"done: {run.out / 'report.md'}")
+        return results
     a, last = s["ablation_steps"], s["steps"]
     checkpoint_steps = sorted({*range(s["eval_every"], last + 1, s["eval_every"]), last})
     results: dict = {"mode": mode, "settings": settings, "base_model": base, "seeds": {},
@@ -637,7 +836,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="ControlNet steps of the main runs (default: by mode)")
     parser.add_argument("--seeds", type=int, help="how many seeds (default: 1 quick, 3 full)")
     parser.add_argument("--part", choices=PARTS, help="run one part of the full mode: generalisation = the main "
-                        "trainings and held-out sets (a)-(c), without the ablations (<= 90 min on 2 cores)")
+                        "trainings and held-out sets (a)-(c), without the ablations (<= 90 min on 2 cores); "
+                        "consistency = a training per seed to step 1000, then 250 steps with and without "
+                        "ControlNet++'s consistency loss, scored on sets (a)-(c); composition = a canny and a "
+                        "colour-grid ControlNet per seed, sampled alone and composed on set (a)")
     parser.add_argument("--workers", type=int, help="processes that train and sample side by side (default: 2, "
                         "3 in full mode, at most the cores; 8 on a GPU); each gets cores / workers torch threads")
     args = parser.parse_args()

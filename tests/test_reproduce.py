@@ -294,3 +294,48 @@ def test_the_trainer_feeds_the_stop_signal_per_image_scores(tmp_path):
     assert any("sudden convergence detected at step 200" in line for line in logged)
     record = json.loads((tmp_path / "controllability.json").read_text())
     assert record["values"][1] > 0.9 and record["shuffled_values"][1] < 0.5 and record["p_values"][1] < 0.01
+
+
+def smoke_part(tmp_path, part: str) -> tuple[Path, dict]:
+    """`--smoke --part PART` on a tiny SD base: the output folder and the part's results."""
+    from tiny_models import make_tiny_sd
+
+    sd = make_tiny_sd(tmp_path / "sd")
+    out = tmp_path / "out"
+    proc = reproduce("--smoke", "--part", part, "--base", str(sd), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())[part]
+
+
+def test_consistency_part_smoke_forks_two_arms_and_scores_both(tmp_path):
+    """--part consistency: one training per seed to the fork step, then two arms from that
+    ControlNet (the loss off and on) scored on every held-out set; the arms start equal and
+    end different (the loss changed the training), and the report has the table."""
+    import torch
+    from diffusers import ControlNetModel
+
+    out, result = smoke_part(tmp_path, "consistency")
+    assert set(result["sets"]) == {"new", "excluded", "two"}
+    for entry in result["sets"].values():
+        assert entry["off"]["f1"]["n"] == 1 and len(entry["f1_gain_per_seed"]) == 1
+    assert result["cost_ratio"] > 0 and "| (a) new in-range conditions |" in (out / "report.md").read_text()
+    runs = out / "work" / "runs"
+    off, on = (ControlNetModel.from_pretrained(runs / f"consistency-{arm}-s0" / "checkpoint-2" / "controlnet")
+               .state_dict() for arm in ("off", "on"))
+    assert any(not torch.equal(off[k], on[k]) for k in off)
+
+
+def test_composition_part_smoke_trains_both_conditions_and_scores_every_arm_twice(tmp_path):
+    """--part composition: a canny and a colour-grid ControlNet per seed (the latter validated
+    on its own metric, so it trained on color_grid), three arms and the base, each scored for
+    edges and for colours; the composed sample records both ControlNets."""
+    out, result = smoke_part(tmp_path, "composition")
+    assert set(result["arms"]) == {"canny only", "colour only", "composed"}
+    for entry in [*result["arms"].values()]:
+        assert 0 <= entry["f1"]["mean"] <= 1 and 0 <= entry["colour_following"]["mean"] <= 1
+    assert "| composed |" in (out / "report.md").read_text()
+    runs = out / "work" / "runs"
+    assert json.loads((runs / "colour-s0" / "controllability.json").read_text())["metric"] == "colour_error"
+    assert json.loads((runs / "canny-s0" / "controllability.json").read_text())["metric"] == "f1_2px"
+    record = json.loads((out / "work" / "samples" / "composed-s0" / "0000.json").read_text())
+    assert record["conditions"] == ["canny", "color_grid"] and len(record["controlnets"]) == 2

@@ -206,6 +206,48 @@ def test_sample_and_eval_commands_end_to_end(tiny, tmp_path):
     assert report["metric"] == "f1_2px" and len(report["samples"]) == 2 and 0.0 <= report["mean"] <= 1.0
 
 
+def test_two_controlnets_composed_from_one_shard_and_each_condition_scored(tiny, tmp_path):
+    """--shard with a --condition per --controlnet: each sample gets both maps (saved by name
+    beside the first), and eval --condition NAME compares with that one's map."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import write_synthetic
+    from pipeline.build import run_build
+    from pipeline.cli import main
+    from pipeline.config import BuildConfig
+    from train.metrics import colour_error
+
+    for i, net in enumerate(tiny["nets"]):
+        net.save_pretrained(tmp_path / f"cn{i}")
+    write_synthetic(tmp_path / "in", 2)
+    run_build(BuildConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "b"), resolution=64, min_size=64,
+                          caption_model="none", executor="local", preview=0, conditions=["canny", "color_grid"]),
+              log=lambda *_: None)
+    shard = str(tmp_path / "b" / "shards" / "00000.tar")
+    args = ["sample", "--pretrained-model", str(tiny["sd"]), "--controlnet", str(tmp_path / "cn0"),
+            "--controlnet", str(tmp_path / "cn1"), "--shard", shard, "--num", "2", "--steps", "2", "--resolution",
+            "64", "--prompt-mode", "default", "--output", str(tmp_path / "s")]
+    assert main([*args, "--condition", "canny"]) == 2, "two ControlNets need two conditions"
+    assert main([*args, "--condition", "canny", "--condition", "color_grid"]) == 0
+    out = tmp_path / "s"
+    record = json.loads((out / "0000.json").read_text())
+    assert record["conditions"] == ["canny", "color_grid"] and record["condition"] == "canny"
+    canny, grid = (np.asarray(Image.open(out / f"0000_condition_{c}.png")) for c in ("canny", "color_grid"))
+    assert np.array_equal(np.asarray(Image.open(out / "0000_condition.png")), canny)
+    assert not np.array_equal(canny, grid)
+    assert main(["eval", str(out), "--condition", "color_grid"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    from stages.annotators import create
+
+    again, _ = create(["color_grid"])["color_grid"](np.asarray(Image.open(out / "0000.png").convert("RGB")),
+                                                     np.random.default_rng(0))
+    assert report["metric"] == "colour_error" and report["higher_is_better"] is False
+    assert report["samples"][0]["colour_error"] == pytest.approx(colour_error(grid, again))
+
+
 def test_keypoint_distance_and_clip_score(tmp_path):
     from PIL import Image
 

@@ -221,6 +221,53 @@ def test_validation_tracks_controllability_and_plots_it(setup, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in record["values"]) and (out / "controllability.png").exists()
 
 
+def test_the_best_validated_controlnet_is_kept_beside_the_last(setup, tmp_path, monkeypatch):
+    """OUT/best holds the weights that scored best at validation (the first of equal
+    scores), loadable as a ControlNet, with the step and score; OUT holds the last."""
+    from diffusers import ControlNetModel
+
+    import train.trainer as trainer
+
+    seen: dict[int, dict] = {}
+    track = trainer._track_controllability
+
+    def recording(tracker, batch, images, cfg, step, accelerator, log, controlnet=None):
+        seen[step] = {k: v.detach().clone() for k, v in accelerator.unwrap_model(controlnet).state_dict().items()}
+        return track(tracker, batch, images, cfg, step, accelerator, log, controlnet)
+
+    monkeypatch.setattr(trainer, "_track_controllability", recording)
+    out = tmp_path / "val"
+    train(config(setup, out, max_train_steps=4, validation_steps=1, num_validation_images=2,
+                 validation_inference_steps=2, learning_rate=1e-2), log=lambda *_: None)
+    record = json.loads((out / "controllability.json").read_text())
+    best_step = record["steps"][record["values"].index(max(record["values"]))]
+    state = json.loads((out / "best" / "train_state.json").read_text())
+    assert state["global_step"] == best_step and state["value"] == max(record["values"])
+    best = ControlNetModel.from_pretrained(out / "best").state_dict()
+    assert all(torch.equal(best[k], seen[best_step][k]) for k in best)
+    last = ControlNetModel.from_pretrained(out).state_dict()
+    assert best_step == 4 or not all(torch.equal(best[k], last[k]) for k in best)
+
+
+def test_best_rule_follows_the_metric_direction_and_a_resumed_runs_saved_best(tmp_path):
+    from train.metrics import ConvergenceTracker
+    from train.trainer import _beats_saved_best
+
+    higher, lower = ConvergenceTracker(True), ConvergenceTracker(False)
+    for step, value, best_high, best_low in ((1, 0.2, True, True), (2, 0.5, True, False), (3, 0.4, False, False),
+                                             (4, 0.1, False, True)):
+        higher.add(step, value)
+        lower.add(step, value)
+        assert higher.last_is_best() == best_high and lower.last_is_best() == best_low, step
+    folder = tmp_path / "best"
+    assert _beats_saved_best(folder, 5, higher)  # nothing saved yet
+    folder.mkdir()
+    (folder / "train_state.json").write_text(json.dumps({"global_step": 2, "value": 0.5}))
+    assert not _beats_saved_best(folder, 5, higher)  # 0.1 after a resume does not beat the saved 0.5
+    (folder / "train_state.json").write_text(json.dumps({"global_step": 9, "value": 0.5}))
+    assert _beats_saved_best(folder, 5, higher)  # saved at a later step: another run's
+
+
 def test_stop_after_convergence_rule():
     from train.metrics import ConvergenceTracker
 
@@ -296,3 +343,96 @@ def test_cubic_timestep_sampling_favours_high_noise():
     assert uniform.min() >= 0 and uniform.max() <= 999 and cubic.min() >= 0 and cubic.max() <= 999
     assert abs(uniform.mean() - 499.5) < 10 and abs(cubic.mean() - 750) < 10, "E[1 - u^3] = 3/4"
     assert abs((cubic >= 500).float().mean() - 0.5 ** (1 / 3)) < 0.02, "P(t >= T/2) = P(u <= 0.5^(1/3)) = 0.794"
+
+
+@pytest.mark.parametrize("cores, processes, expected", [
+    (1, 1, 0), (2, 1, 0),  # a laptop or this 2-core box: the step needs both cores
+    (3, 1, 1), (4, 1, 2), (8, 1, 6), (10, 1, 8), (96, 1, 8),  # cores to spare, at most 8
+    (16, 8, 0), (32, 8, 2), (64, 8, 6), (192, 8, 8),  # one process per GPU shares the machine
+    (4, 3, 0), (0, 1, 0), (6, 0, 4),  # shares round down; a bad process count counts as 1
+])
+def test_default_loader_workers_leave_the_step_its_cores(cores, processes, expected):
+    from train.data import default_loader_workers
+
+    assert default_loader_workers(cores, processes) == expected
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend this process may run on `cores` cores among `processes` training processes."""
+    from train import data
+
+    for name in data.LOCAL_WORLD_SIZE_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def pretend(cores: int, processes: int | None = None) -> None:
+        monkeypatch.setattr(data, "available_cores", lambda: cores)
+        if processes is not None:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+
+    return pretend
+
+
+def test_the_config_default_is_the_machine_rule(machine):
+    from train.data import default_loader_workers, loader_workers, local_processes
+
+    assert TrainConfig().dataloader_num_workers is None
+    machine(2)
+    assert local_processes() == 1
+    assert loader_workers(TrainConfig().dataloader_num_workers) == (
+        0, "loader workers: 0 (2 cores for 1 process: workers would take CPU from the step; "
+           "set --dataloader-num-workers)")
+    machine(24, processes=2)  # as torchrun / accelerate launch / ray_train.py set it
+    workers, line = loader_workers(TrainConfig().dataloader_num_workers)
+    assert workers == default_loader_workers(24, 2) == 8
+    assert line.startswith("loader workers: 8 (24 cores for 2 processes: 2 cores per process kept for the step")
+    machine(6, processes=1)
+    assert loader_workers(None)[0] == 4
+
+
+def test_an_explicit_worker_count_wins(machine):
+    from train.data import loader_workers
+
+    machine(2)
+    assert loader_workers(TrainConfig(dataloader_num_workers=3).dataloader_num_workers) == (
+        3, "loader workers: 3 (--dataloader-num-workers)")
+    machine(64)
+    assert loader_workers(TrainConfig(dataloader_num_workers=0).dataloader_num_workers)[0] == 0
+
+
+def test_worker_count_from_flags_and_yaml(tmp_path):
+    import argparse
+
+    from common.config import ConfigError, load_config
+    from common.flags import overrides_from
+    from train.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def resolve(flags: list[str], yaml_text: str | None = None) -> int | None:
+        path = None
+        if yaml_text is not None:
+            path = tmp_path / "train.yaml"
+            path.write_text(yaml_text)
+        return load_config(path, overrides_from(parser.parse_args(flags)), model=TrainConfig).dataloader_num_workers
+
+    assert resolve([]) is None
+    assert resolve(["--dataloader-num-workers", "0"]) == 0
+    assert resolve(["--dataloader-num-workers", "5"]) == 5
+    assert resolve([], "dataloader_num_workers: 3\n") == 3
+    assert resolve([], "dataloader_num_workers: null\n") is None
+    assert resolve(["--dataloader-num-workers", "1"], "dataloader_num_workers: 3\n") == 1
+    with pytest.raises(ConfigError, match="dataloader_num_workers"):
+        resolve(["--dataloader-num-workers", "-1"])
+    with pytest.raises(SystemExit):  # argparse: not an int
+        parser.parse_args(["--dataloader-num-workers", "auto"])
+
+
+def test_a_run_logs_the_workers_it_chose(setup, tmp_path, machine):
+    machine(2)
+    lines = []
+    result = train(config(setup, tmp_path / "auto", dataloader_num_workers=None, max_train_steps=1), log=lines.append)
+    assert result["global_step"] == 1
+    assert [line for line in lines if line.startswith("loader workers:")] == [
+        "loader workers: 0 (2 cores for 1 process: workers would take CPU from the step; set --dataloader-num-workers)"]

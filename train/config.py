@@ -36,6 +36,11 @@ class TrainConfig(BaseModel):
     decoder_learning_rate: float = Field(1e-6, gt=0)
     only_mid_control: bool = False
     timestep_sampling: Literal["uniform", "cubic"] = Field("uniform", description="'uniform' (the paper) or 'cubic' (T2I-Adapter: more high-noise steps, where the condition decides the layout)")
+    consistency_weight: float = Field(0.0, ge=0, description="ControlNet++'s consistency loss, this times (0 = "
+                                      "off): the one-step clean-image prediction at a low-noise timestep, decoded and "
+                                      "re-annotated differentiably, against the condition (canny; SD 1.x/2.x, SDXL)")
+    consistency_max_timestep: int = Field(200, ge=1, le=1000, description="the consistency loss's timesteps are "
+                                          "drawn below this (ControlNet++: 200 of 1000)")
     controlnet_init: Literal["zero", "random"] = Field("zero", description="'zero': the paper's zero convolutions; 'random': default init of those layers (ablation)")
 
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -44,13 +49,16 @@ class TrainConfig(BaseModel):
     compile: bool = False
 
     shuffle_buffer: int = Field(1000, ge=1)
-    dataloader_num_workers: int = Field(2, ge=0)
+    dataloader_num_workers: int | None = Field(None, ge=0, description="loader worker processes per training "
+                                               "process; None = from the cores: 0 when a process has 2 or fewer, "
+                                               "else min(8, its cores - 2) (train/data.py default_loader_workers)")
     flip: bool | None = Field(None, description="random horizontal flips; None = on, except for openpose (and off "
                               "when cached latents are used)")
     buckets: bool = Field(False, description="batch by the aspect buckets a keep_ratio build recorded (every batch "
                           "one size) instead of square crops")
     cached_latents: bool = Field(True, description="use the shards' KEY.latents.npy when they were made with this "
-                                 "base's VAE at this resolution (no VAE encoder in the loop); false = always encode")
+                                 "base's VAE at this resolution (the images skip the VAE encoder; SD3 and Flux still "
+                                 "encode the condition); false = always encode")
     cached_text_embeddings: bool = Field(True, description="use the shards' prompt embeddings (KEY.text.npy, build "
                                          "--text-embeddings) when they were made with this base: its text encoders "
                                          "are then never loaded; false = always encode the prompts")
@@ -108,7 +116,8 @@ class SampleConfig(BaseModel):
     image: list[str] = Field(default_factory=list, description="repeatable: the condition image for each --controlnet")
     scale: list[float] = Field(default_factory=list, description="repeatable: each ControlNet's scale (none given: 1 each)")
     shard: str | None = Field(None, description="draw conditions (and source captions) from this shard instead of --image")
-    condition: str = Field("canny", description="the condition member to read from --shard")
+    condition: list[str] = Field(default_factory=lambda: ["canny"], description="repeatable: the condition member "
+                                 "to read from --shard, one per --controlnet (in the same order) to compose several")
     num: int = Field(4, description="samples to draw from --shard")
     prompt_mode: PromptMode = Field("auto", description="none, default, auto (BLIP), user")
     prompt: str | None = Field(None, description="the prompt for --prompt-mode user")
@@ -127,7 +136,7 @@ class SampleConfig(BaseModel):
                             "to float rounding")
     output: str = "out/samples"
 
-    @field_validator("controlnet", "image", "scale", mode="before")
+    @field_validator("controlnet", "image", "scale", "condition", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, int, float)) else value

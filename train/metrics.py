@@ -116,6 +116,12 @@ def clip_score(images, prompts: list[str], model: str) -> float:
     return float(np.mean(ClipScorer(model, "cpu")(list(images), prompts)))
 
 
+def colour_error(condition: np.ndarray, again: np.ndarray) -> float:
+    """Mean absolute difference of two colour grids (the condition and the generated image's
+    grid), as a fraction of the 8-bit range: 0 is the same colours everywhere."""
+    return float(np.abs(condition.astype(np.float64) - again.astype(np.float64)).mean() / 255.0)
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -134,6 +140,7 @@ METRICS: dict[str, Metric] = {
     "depth": Metric("rmse", rmse, higher_is_better=False),
     "seg": Metric("miou", miou),
     "normal": Metric("angular_error", normal_angle_error, higher_is_better=False),
+    "color_grid": Metric("colour_error", colour_error, higher_is_better=False),
 }
 
 
@@ -294,6 +301,14 @@ class ConvergenceTracker:
         elif len(self._own) >= 2 and self.p_values[-1] < self.alpha and self.p_values[-2] < self.alpha:
             self.converged_at = significant_convergence(self.steps, self._own, self._shuffled, self.margin, self.alpha)
         return self.converged_at
+
+    def last_is_best(self) -> bool:
+        """Whether the latest validation scored better than every earlier one (the first
+        always does): when the trainer saves its `best` checkpoint."""
+        if not self.values:
+            return False
+        earlier, last = self.values[:-1], self.values[-1]
+        return not earlier or (last > max(earlier) if self.higher_is_better else last < min(earlier))
 
     def significance_possible(self, n: int) -> bool:
         """Whether n paired images can reach p < alpha at all (the smallest one-sided p of

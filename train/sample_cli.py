@@ -3,7 +3,8 @@
 sample: one or more ControlNets, each with its condition image (or conditions drawn
 from a shard), or none (the base model alone, same prompts and seeds, for comparison), prompt modes none / default / auto / user, DDIM, CFG and a guidance
 weighting mode. Writes NNNN.png, NNNN.json (prompt, modes, seed, weights),
-NNNN_condition.png and contact_sheet.png (condition | generated | prompt).
+NNNN_condition.png (the first condition; with several, also NNNN_condition_NAME.png each,
+which eval --condition NAME compares with) and contact_sheet.png.
 
 Every setting is a flag and a key of the --config YAML (train/config.py: SampleConfig,
 EvalConfig).
@@ -63,21 +64,23 @@ def resolve_prompt(mode: str, user_prompt: str | None, source_caption: str | Non
     return {"prompt": caption, "prompt_source": "two-pass: BLIP caption of a default-prompt sample"}
 
 
-def conditions_from_shard(shard: str, condition: str, n: int) -> list[tuple[Image.Image, str | None, str, dict]]:
-    """(condition image, source caption, key, the condition's recorded parameters) per sample."""
+def conditions_from_shard(shard: str, conditions: list[str], n: int
+                          ) -> list[tuple[list[Image.Image], str | None, str, dict]]:
+    """(the condition images in `conditions` order, source caption, key, the first
+    condition's recorded parameters) per sample that has them all."""
     import webdataset as wds
 
     found = []
     for sample_ in wds.WebDataset(shard, shardshuffle=False, empty_check=False, nodesplitter=None):
-        if f"{condition}.png" in sample_:
+        if all(f"{c}.png" in sample_ for c in conditions):
             caption = sample_.get("txt", b"").decode("utf-8").strip() or None
-            params = json.loads(sample_["json"]).get("conditions", {}).get(condition, {}).get("params", {})
-            found.append((Image.open(io.BytesIO(sample_[f"{condition}.png"])).convert("RGB"), caption,
+            params = json.loads(sample_["json"]).get("conditions", {}).get(conditions[0], {}).get("params", {})
+            found.append(([Image.open(io.BytesIO(sample_[f"{c}.png"])).convert("RGB") for c in conditions], caption,
                           sample_["__key__"], params))
         if len(found) >= n:
             break
     if not found:
-        raise ValueError(f"{shard}: no sample with a {condition}.png")
+        raise ValueError(f"{shard}: no sample with {' and '.join(c + '.png' for c in conditions)}")
     return found
 
 
@@ -131,8 +134,9 @@ def check_inputs(cfg: SampleConfig) -> None:
     if not n and not cfg.shard and len(cfg.image) != 1:
         raise ValueError("without --controlnet (the base model alone) give --shard or one --image: the conditions "
                          "are recorded beside the samples for eval")
-    if cfg.shard and n > 1:
-        raise ValueError("--shard draws conditions for one ControlNet; use --image per ControlNet for several")
+    if cfg.shard and len(cfg.condition) != max(n, 1):
+        raise ValueError(f"--shard with {n} --controlnet: give one --condition per --controlnet, in the same order "
+                         f"(got {len(cfg.condition)})")
     if not cfg.shard and n and len(cfg.image) != n:
         raise ValueError("give one --image per --controlnet (or --shard)")
 
@@ -217,8 +221,8 @@ def _family_pipeline(frozen, controlnet, device, dtype):
 def sampling_jobs(cfg: SampleConfig) -> list[Job]:
     """The conditions to sample: the first --num of --shard, or the --image files."""
     if cfg.shard:
-        return [Job([cond], caption, key, params)
-                for cond, caption, key, params in conditions_from_shard(cfg.shard, cfg.condition, cfg.num)]
+        return [Job(conds, caption, key, params)
+                for conds, caption, key, params in conditions_from_shard(cfg.shard, cfg.condition, cfg.num)]
     return [Job([Image.open(p) for p in cfg.image], None, Path(cfg.image[0]).stem, {})]
 
 
@@ -259,11 +263,15 @@ def draw_and_write(cfg: SampleConfig, planned: list[tuple[int, Job, int, dict]],
             record = {"index": index, "source": job.name, **prompt, "prompt_mode": cfg.prompt_mode,
                       "negative_prompt": cfg.negative_prompt, "guidance_mode": mode, "weights": result.weights,
                       "seed": seed, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
-                      "controlnets": list(cfg.controlnet), "scales": scales, "condition": cfg.condition,
-                      "condition_keypoints": job.condition_params.get("keypoints")}
+                      "controlnets": list(cfg.controlnet), "scales": scales, "condition": cfg.condition[0],
+                      "conditions": list(cfg.condition), "condition_keypoints": job.condition_params.get("keypoints")}
             image.save(out / f"{index:04d}.png")
-            job.conditions[0].convert("RGB").resize((cfg.resolution, cfg.resolution)).save(
-                out / f"{index:04d}_condition.png")
+            for i, condition in enumerate(job.conditions):  # the first as NNNN_condition.png, each by its name
+                resized = condition.convert("RGB").resize((cfg.resolution, cfg.resolution))
+                if i == 0:
+                    resized.save(out / f"{index:04d}_condition.png")
+                if len(job.conditions) > 1 and i < len(cfg.condition):
+                    resized.save(out / f"{index:04d}_condition_{cfg.condition[i]}.png")
             (out / f"{index:04d}.json").write_text(json.dumps(record, indent=1))
             records.append(record)
             rows.append((job.conditions[0], image, prompt["prompt"]))
@@ -299,7 +307,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         metric = METRICS[condition]
         name, higher = metric.name, metric.higher_is_better
         for r in records:
-            cond = np.asarray(Image.open(root / f"{r['index']:04d}_condition.png").convert(
+            cond = np.asarray(Image.open(condition_path(root, r["index"], condition)).convert(
                 "RGB" if annotator.mode == "RGB" else "L"))
             per_image.append({"sample": f"{r['index']:04d}",
                               name: controllability(condition, annotator, [cond], [np.asarray(images[r["index"]])])})
@@ -320,13 +328,20 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     return report
 
 
+def condition_path(root: Path, index: int, condition: str) -> Path:
+    """The condition a sample was given for `condition`: NNNN_condition_NAME.png where the
+    sample composed several ControlNets, else NNNN_condition.png."""
+    named = root / f"{index:04d}_condition_{condition}.png"
+    return named if named.exists() else root / f"{index:04d}_condition.png"
+
+
 def _shuffled_score(root: Path, records: list[dict], images: dict, condition: str, annotator) -> float:
     from .metrics import controllability
 
     order = np.random.default_rng(0).permutation(len(records))
     scores = []
     for i, j in zip(order, np.roll(order, 1)):  # every image meets a condition that is not its own
-        cond = np.asarray(Image.open(root / f"{records[j]['index']:04d}_condition.png").convert(
+        cond = np.asarray(Image.open(condition_path(root, records[j]["index"], condition)).convert(
             "RGB" if annotator.mode == "RGB" else "L"))
         scores.append(controllability(condition, annotator, [cond], [np.asarray(images[records[i]["index"]])]))
     return float(np.mean(scores))

@@ -21,7 +21,8 @@ from . import families, text_embeddings
 from .bad_samples import BadDataError, BadSampleTally
 from .checkpoints import latest_complete, load_rank_state, read_state, save_checkpoint, save_model_atomic
 from .config import TrainConfig
-from .data import cached_latents_match, expand_shards, make_dataset, make_hf_dataset, make_loader, missing_members
+from .data import (cached_latents_match, expand_shards, loader_workers, make_dataset, make_hf_dataset, make_loader,
+                   missing_members)
 from .errors import TrainError
 
 
@@ -46,6 +47,9 @@ class PromptDropout:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+
+BEST_DIR = "best"  # OUT/best: the ControlNet that scored best at validation, beside the last one in OUT
 
 
 def _resume_path(cfg: TrainConfig, log) -> Path | None:
@@ -169,16 +173,14 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         if missing:
             raise TrainError(f"{urls[0]}: its first sample has no {missing}; set --condition to one the shards have")
     use_latents = False
-    if urls and cfg.cached_latents and getattr(vae.config, "shift_factor", None):
-        log("not using cached latents: this base's VAE has a shift factor that they do not include; encoding")
-    elif urls and cfg.cached_latents:
+    if urls and cfg.cached_latents:
         latent_shape = [vae.config.latent_channels, *(cfg.resolution // frozen.vae_scale_factor,) * 2]
         use_latents, why = cached_latents_match(urls, cfg.pretrained_model, vae.config.scaling_factor, latent_shape,
-                                                cfg.resolution)
+                                                cfg.resolution, float(getattr(vae.config, "shift_factor", None) or 0.0))
         if use_latents and cfg.flip:
             raise TrainError("--flip with cached latents: a flipped image's latent is not the flipped latent; "
                              "pass --no-flip, or --no-cached-latents to encode every (flipped) image")
-        log(f"using {why}: no VAE encoder in the loop" + ("; random flips off" if cfg.flip_enabled else "")
+        log(f"using {why}: the images skip the VAE encoder" + ("; random flips off" if cfg.flip_enabled else "")
             if use_latents else f"encoding images with the VAE ({why})")
     data_args = (cfg.condition, cfg.resolution, cfg.train_batch_size, cfg.seed, cfg.shuffle_buffer, cfg.flip_enabled,
                  global_step * cfg.gradient_accumulation_steps)
@@ -186,7 +188,13 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                else make_dataset(urls, *data_args, latents=use_latents, buckets=cfg.buckets,
                                  max_bad_fraction=cfg.max_bad_fraction,
                                  text=cached is not None and ("pooled" if "pooled_shape" in cached.info else True)))
-    loader = itertools.cycle(batches) if batches else make_loader(dataset, cfg.dataloader_num_workers, cfg.seed)
+    if batches:
+        loader = itertools.cycle(batches)
+    else:
+        workers, line = loader_workers(cfg.dataloader_num_workers)
+        if accelerator.is_main_process:
+            log(line)
+        loader = make_loader(dataset, workers, cfg.seed)
     validation_urls = expand_shards(cfg.validation_shards) if cfg.validation_shards else urls
     validation = (_validation_batch(validation_urls, cfg, text=cached is not None) if validation_urls
                   and cfg.num_validation_images and accelerator.is_main_process else None)
@@ -249,7 +257,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                     images = run_validation(validation, cfg, accelerator, frozen, denoiser, controlnet, global_step,
                                             weight_dtype)
                     if tracker is not None:
-                        stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator, log))
+                        stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator,
+                                                          log, controlnet))
                 if _broadcast_flag(accelerator, stop):
                     log(f"stopping {cfg.stop_after_convergence} steps after sudden convergence (step {global_step})")
                     break
@@ -449,8 +458,10 @@ def _controllability_tracker(cfg: TrainConfig):
     return tracker
 
 
-def _track_controllability(tracker, batch, images, cfg, step, accelerator, log) -> bool:
-    """Re-annotate the validation samples, log the metric, look for sudden convergence."""
+def _track_controllability(tracker, batch, images, cfg, step, accelerator, log, controlnet=None) -> bool:
+    """Re-annotate the validation samples, log the metric, look for sudden convergence; keep
+    the ControlNet that scored best so far in OUT/best (the weights validation sampled
+    with, not the EMA copy), so a run that overshoots still has its best model."""
     import numpy as np
 
     from .metrics import METRICS, controllability_scores
@@ -466,9 +477,29 @@ def _track_controllability(tracker, batch, images, cfg, step, accelerator, log) 
     if tracker.converged_at is not None and before is None:
         log(f"sudden convergence detected at step {tracker.converged_at} ({name})")
     out = Path(cfg.output_dir)
+    if controlnet is not None and tracker.last_is_best() and _beats_saved_best(out / BEST_DIR, step, tracker):
+        best = out / BEST_DIR
+        best.mkdir(parents=True, exist_ok=True)
+        save_model_atomic(accelerator.unwrap_model(controlnet), best,
+                          {"global_step": step, "metric": name, "value": value,
+                           "shuffled": tracker.shuffled_values[-1] if tracker.shuffled_values else None,
+                           "picked_by": "the best controllability on the validation samples so far"})
     (out / "controllability.json").write_text(json.dumps({"metric": name, **tracker.to_json()}, indent=1))
     tracker.plot(out / "controllability.png", f"{cfg.condition} {name}")
     return tracker.should_stop(step, cfg.stop_after_convergence)
+
+
+def _beats_saved_best(folder: Path, step: int, tracker) -> bool:
+    """Whether the latest score beats OUT/best's, as saved before a resume (a best saved at a
+    later step than this one is another run's, and does not count)."""
+    try:
+        saved = json.loads((folder / "train_state.json").read_text())  # save_model_atomic's summary
+    except (OSError, ValueError):
+        return True
+    if not saved or saved.get("global_step", step) >= step or saved.get("value") is None:
+        return True
+    value = tracker.values[-1]
+    return value > saved["value"] if tracker.higher_is_better else value < saved["value"]
 
 
 def _broadcast_flag(accelerator, flag: int) -> bool:

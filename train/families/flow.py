@@ -44,8 +44,25 @@ class Flow(Family):
     CONTROL_IMAGE_ARG = "control_image"
     EXTRA_PIPELINE_ARGS = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
     SAMPLES_THROUGH_PIPELINE = True
+    CACHED_TEXT = True
+
+    def embedding_dims(self, frozen: Frozen) -> tuple[int, int]:
+        """The transformer's text input: joint_attention_dim (CLIP and T5 hidden states, as
+        the pipeline's `encode_prompt` makes them) and pooled_projection_dim."""
+        config = frozen.denoiser.config
+        return int(config.joint_attention_dim), int(config.pooled_projection_dim)
+
+    @staticmethod
+    def text_part(frozen: Frozen, index: int):
+        """The index-th tokenizer and text encoder, or (None, None) when the run has none
+        loaded (it trains on cached prompt embeddings) or the base has fewer."""
+        if index >= len(frozen.text_encoders):
+            return None, None
+        return frozen.tokenizers[index], frozen.text_encoders[index]
 
     def check_settings(self, frozen: Frozen, cfg) -> None:
+        if getattr(cfg, "consistency_weight", 0.0) > 0:
+            raise FamilyError(f"--consistency-weight is implemented for SD 1.x/2.x and SDXL bases, not {self.TITLE}")
         for name in UNET_ONLY:
             if getattr(cfg, name, False):
                 raise FamilyError(f"--{name.replace('_', '-')} applies to UNet bases (SD, SDXL), not {self.TITLE}")

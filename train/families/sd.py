@@ -45,7 +45,13 @@ class SD(Family):
         return [(CLIPTokenizer, "tokenizer")], [(CLIPTextModel, "text_encoder")]
 
     def check_settings(self, frozen: Frozen, cfg) -> None:
-        """Every training setting applies to a UNet base."""
+        """Every training setting applies to a UNet base; consistency fine-tuning needs a
+        condition with a differentiable counterpart (train/consistency.py)."""
+        from ..consistency import CONDITIONS
+
+        if getattr(cfg, "consistency_weight", 0.0) > 0 and cfg.condition not in CONDITIONS:
+            raise FamilyError(f"--consistency-weight: condition {cfg.condition!r} has no differentiable counterpart "
+                              f"here (it has for: {', '.join(CONDITIONS)})")
 
     def check_resolution(self, frozen: Frozen, resolution: int) -> None:
         """The latent must halve evenly through every UNet level."""
@@ -105,20 +111,42 @@ class SD(Family):
             hidden, added = self.batch_conditioning(frozen, batch, dropout, device, batch.get("sizes"),
                                                     tuple(batch["pixel_values"].shape[-2:]))  # (h, w): buckets too
         noisy, noise, timesteps, _ = self.noisy_latents(frozen, latents, cfg, device)
-        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden.float(),
-                               added_cond_kwargs=cast(added, torch.float32),
-                               controlnet_cond=batch["conditioning_pixel_values"].to(device), return_dict=False)
-        unet_dtype = next(denoiser.parameters()).dtype
-        prediction = denoiser(noisy.to(unet_dtype), timesteps, encoder_hidden_states=hidden.to(unet_dtype),
-                              added_cond_kwargs=cast(added, unet_dtype),
-                              down_block_additional_residuals=None if cfg.only_mid_control
-                              else [d.to(unet_dtype) for d in down],
-                              mid_block_additional_residual=mid.to(unet_dtype), return_dict=False)[0]
+        condition = batch["conditioning_pixel_values"].to(device)
+        prediction = self.denoise(noisy, timesteps, hidden, added, condition, denoiser, controlnet, cfg)
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        if getattr(cfg, "consistency_weight", 0.0) > 0:  # no extra random draws otherwise
+            loss = loss + cfg.consistency_weight * self.consistency_loss(frozen, latents, hidden, added, condition,
+                                                                         denoiser, controlnet, cfg, device)
+        return loss
+
+    def denoise(self, noisy, timesteps, hidden, added, condition, denoiser, controlnet, cfg) -> torch.Tensor:
+        """The UNet's output with the ControlNet's residuals added."""
+        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden.float(),
+                               added_cond_kwargs=cast(added, torch.float32), controlnet_cond=condition,
+                               return_dict=False)
+        unet_dtype = next(denoiser.parameters()).dtype
+        return denoiser(noisy.to(unet_dtype), timesteps, encoder_hidden_states=hidden.to(unet_dtype),
+                        added_cond_kwargs=cast(added, unet_dtype),
+                        down_block_additional_residuals=None if cfg.only_mid_control
+                        else [d.to(unet_dtype) for d in down],
+                        mid_block_additional_residual=mid.to(unet_dtype), return_dict=False)[0]
+
+    def consistency_loss(self, frozen: Frozen, latents, hidden, added, condition, denoiser, controlnet, cfg,
+                         device) -> torch.Tensor:
+        """ControlNet++'s consistency loss (train/consistency.py): the same batch lightly
+        noised (t below cfg.consistency_max_timestep), denoised in one step, decoded by the
+        VAE and re-annotated differentiably, against its condition."""
+        from .. import consistency
+
+        timesteps = consistency.low_timesteps(latents.shape[0], cfg.consistency_max_timestep, device)
+        noisy = frozen.scheduler.add_noise(latents, torch.randn_like(latents), timesteps)
+        prediction = self.denoise(noisy, timesteps, hidden, added, condition, denoiser, controlnet, cfg)
+        clean = consistency.predicted_clean(frozen.scheduler, noisy, prediction, timesteps)
+        return consistency.edge_loss(frozen.vae, clean, condition)
 
     def controlnet_class(self):
         from diffusers import ControlNetModel
