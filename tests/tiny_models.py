@@ -104,6 +104,21 @@ SD_SIZES = {
 }
 
 
+def make_tiny_t5_tokenizer(folder: str | Path | None = None):
+    """A word-level T5 tokenizer (the real class; the real one needs a download) knowing a
+    few words of the tests' captions and the digits; saved to `folder` when given."""
+    from transformers import T5TokenizerFast
+
+    words = ("a the an of on in with and picture photo synthetic number shapes square circle red green blue light "
+             "dark background cat dog").split()
+    tokenizer = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+                                + [(f"\u2581{w}", -5.0) for w in words] + [(str(d), -6.0) for d in range(10)],
+                                extra_ids=0)
+    if folder is not None:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 def make_tiny_sd(folder: str | Path, size: str = "tiny") -> Path:
     """A Stable-Diffusion-shaped pipeline folder (unet, vae with SD's 8x factor, CLIP text
     encoder, tokenizer, DDPM scheduler) from small configs (SD_SIZES[size]), random weights."""
@@ -230,16 +245,12 @@ def make_tiny_flux(folder: str | Path) -> Path:
     2x2 into 16)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     folder = Path(folder)
     torch.manual_seed(0)
     tokenizer = make_tiny_clip_tokenizer(folder / "tokenizer")
-    words = ("a the an of on in with and picture photo synthetic number shapes square circle red green blue light "
-             "dark background cat dog").split()
-    tokenizer_2 = T5TokenizerFast(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-                                  + [(f"\u2581{w}", -5.0) for w in words] + [(str(d), -6.0) for d in range(10)],
-                                  extra_ids=0)
+    tokenizer_2 = make_tiny_t5_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37,
                                         num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
