@@ -121,12 +121,12 @@ def make_real_shaped(family: str, folder: Path) -> Path:
     pipeline_class, scheduler = modules.pop("_pipeline"), modules.pop("_scheduler")
     generator = torch.Generator().manual_seed(0)
     for module in modules.values():
+        module.to(torch.bfloat16)  # still on meta: the CPU storage is made in bf16 only (Flux: 24 GB, not 48)
         module.to_empty(device="cpu")
-        module.to(torch.bfloat16)
         with torch.no_grad():
             for parameter in module.parameters():
                 parameter.normal_(0.0, 0.02, generator=generator)
-            for buffer_name, buffer in module.named_buffers():  # e.g. position ids: recompute, not noise
+            for buffer in module.buffers():  # to_empty leaves them uninitialised (SD3's sin-cos table): zeros
                 if buffer.is_floating_point():
                     buffer.zero_()
     tokenizers = {}
