@@ -50,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 MODES = {
     "quick": dict(train_images=6000, heldout=64, steps=1200, eval_every=200, seeds=[0], ablation_steps=400,
-                  batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=100, curve_samples=64,
+                  batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=50, curve_samples=64,
                   sets=["new"]),
     "full": dict(train_images=20000, heldout=64, steps=2000, eval_every=250, seeds=[0, 1, 2], ablation_steps=500,
                  batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=250, curve_samples=64,
@@ -201,7 +201,9 @@ def base_model(run: Run, make: bool) -> str:
 def train(run: Run, s: dict, base: str, name: str, seed: int, steps: int, init: str = "zero",
           dropout: float = 0.5, controlnet: str | None = None, extra: tuple = ()) -> str:
     """`controlforge train` with the reproduction's recipe; checkpoints every `eval_every`
-    steps (each holds a ControlNet folder to sample), validation on the held-out shards.
+    steps (each holds a ControlNet folder to sample), validation on the held-out shards
+    (every `validation_steps` in the main runs, whose stop signal is reported; every
+    `eval_every` in the others).
     `controlnet`: start from that ControlNet; `extra`: further flags."""
     out = run.work / "runs" / f"{name}-s{seed}"
     extra = (*(("--controlnet", controlnet) if controlnet else ()), *extra)
@@ -211,7 +213,8 @@ def train(run: Run, s: dict, base: str, name: str, seed: int, steps: int, init: 
                  "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", 50,
                  "--timestep-sampling", s["timestep_sampling"], "--controlnet-init", init, "--prompt-dropout", dropout,
                  "--checkpointing-steps", s["eval_every"], "--checkpoints-total-limit", 1000,
-                 "--validation-shards", run.work / "shards" / "heldout", "--validation-steps", s["validation_steps"],
+                 "--validation-shards", run.work / "shards" / "heldout",
+                 "--validation-steps", s["validation_steps"] if name == "main" else s["eval_every"],
                  "--num-validation-images", 16, "--validation-inference-steps", SAMPLING["steps"],
                  "--validation-guidance-scale", SAMPLING["guidance_scale"], "--dataloader-num-workers", 0,
                  "--shuffle-buffer", 1000, "--report-to", "none", "--seed", seed, "--resume", "latest", *extra)
@@ -316,8 +319,56 @@ def trainer_convergence(run_dir: str) -> dict:
     if not path.exists():
         return {"sudden_convergence_step": None, "steps": [], "values": []}
     data = json.loads(path.read_text())
-    keys = ("steps", "values", "sudden_convergence_step", "metric", "shuffled_values", "p_values", "rule")
+    keys = ("steps", "values", "sudden_convergence_step", "metric", "shuffled_values", "p_values", "rule",
+            "higher_is_better", "own_scores", "shuffled_scores")
     return {k: data[k] for k in keys if k in data}
+
+
+#: the validation spacings the stop signal is shown at, replayed from one run that validates
+#: at a divisor of them all (ConvergenceTracker.replay: validation leaves the training unchanged)
+STOP_SPACINGS = (100, 250)
+
+
+def stop_signal(record: dict, curve: dict, base_f1: float) -> dict:
+    """When the stop signal fires at the run's own validation spacing and at STOP_SPACINGS,
+    against the evaluation curve's rise: the first evaluated step past the midpoint between
+    the base's F1 and the curve's best (the rise happened after the evaluation before it).
+    Within one validation: fired no earlier than one spacing before that earlier evaluation,
+    and no later than one spacing after the rise."""
+    from train.metrics import ConvergenceTracker, validation_spacing
+
+    f1 = {int(k): v["f1"] for k, v in curve.items()}
+    steps = sorted(f1)
+    midpoint = (base_f1 + max(f1.values())) / 2
+    rise = next(k for k in steps if f1[k] >= midpoint)
+    after = max([0] + [k for k in steps if k < rise])
+    result = {"eval_rise": {"step": rise, "after": after, "midpoint_f1": midpoint}, "spacings": {}}
+    if not record.get("steps"):
+        return result
+    own = validation_spacing(record["steps"])
+    for spacing in sorted({own, *STOP_SPACINGS}):
+        if spacing % own or spacing > record["steps"][-1] or (spacing != own and "own_scores" not in record):
+            continue  # not a multiple of the run's spacing, longer than the run, or no per-image scores
+        fired = (record["sudden_convergence_step"] if spacing == own
+                 else ConvergenceTracker.replay(record, spacing).converged_at)
+        result["spacings"][spacing] = {"fired": fired, "within_one_validation":
+                                       fired is not None and after - spacing < fired <= rise + spacing}
+    return result
+
+
+def stop_signal_markdown(results: dict) -> list[str]:
+    lines = ["## Stop signal against the evaluation curve (set (a))", "",
+             "| seed | evaluation curve rose | validation spacing | signal fired | within one validation |",
+             "| --- | --- | --- | --- | --- |"]
+    for seed, sd in results["seeds"].items():
+        signal = sd.get("stop_signal") or {}
+        rise = signal.get("eval_rise")
+        for spacing, entry in (signal.get("spacings") or {}).items():
+            lines.append(f"| {seed} | {rise['after']}-{rise['step']} | {spacing} | "
+                         f"{entry['fired'] if entry['fired'] is not None else 'no'} | "
+                         f"{'yes' if entry['within_one_validation'] else 'NO'} |")
+    return lines + ["", "Spacings other than the run's own are replayed from its per-image validation scores "
+                        "(train/metrics.py ConvergenceTracker.replay).", ""]
 
 
 # ---- the whole reproduction ---------------------------------------------------------------
@@ -668,6 +719,8 @@ def reproduce(args) -> dict:
         if part == "generalisation":
             results["seeds"][seed] = {"curve": {k: done(f"eval seed {seed} step {k}") for k in checkpoint_steps},
                                       "convergence": trainer_convergence(done(f"train seed {seed}"))}
+            results["seeds"][seed]["stop_signal"] = stop_signal(results["seeds"][seed]["convergence"],
+                                                                results["seeds"][seed]["curve"], results["base"]["f1"])
             continue
         results["seeds"][seed] = {
             "curve": {k: done(f"eval seed {seed} step {k}") for k in checkpoint_steps},
@@ -678,6 +731,8 @@ def reproduce(args) -> dict:
                           "dropout_0_no_prompt": done(f"eval seed {seed} dropout 0 no prompt")},
             "guidance": {name: done(f"guidance seed {seed} {name}") for name in GUIDANCE_MODES},
             "convergence": trainer_convergence(done(f"train seed {seed}"))}
+        results["seeds"][seed]["stop_signal"] = stop_signal(results["seeds"][seed]["convergence"],
+                                                            results["seeds"][seed]["curve"], results["base"]["f1"])
     first = s["seeds"][0]
     shutil.copytree(run.work / "samples" / f"main-s{first}-{last}", run.out / "samples" / "controlnet",
                     dirs_exist_ok=True)
@@ -758,7 +813,7 @@ def write_reports(out: Path, results: dict, part: str | None) -> None:
         write_report(out, results)
         report = (out / "report.md").read_text()
         marker = "## Controllability over training"
-        extra = "\n".join(heldout_sets_markdown(results)) + "\n"
+        extra = "\n".join(heldout_sets_markdown(results) + stop_signal_markdown(results)) + "\n"
         report = report.replace(marker, extra + marker, 1) if marker in report else report + "\n" + extra
         (out / "report.md").write_text(report)
         return
@@ -777,7 +832,7 @@ def write_reports(out: Path, results: dict, part: str | None) -> None:
              "## Controllability over training (set (a))", "", "![curve](curve.png)", "",
              "Stop signal (the trainer's detector on its own validation): "
              + ", ".join(f"seed {k}: {'step ' + str(v) if v is not None else 'did not fire'}" for k, v in fired.items()),
-             "", "## Time per phase (s)", "", "| phase | seconds |", "| --- | --- |",
+             "", *stop_signal_markdown(results), "## Time per phase (s)", "", "| phase | seconds |", "| --- | --- |",
              *[f"| {k} | {v} |" for k, v in results["seconds"].items()]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

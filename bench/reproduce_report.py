@@ -77,7 +77,7 @@ def curve_plot(path: Path, results: dict) -> None:
     axes.line(steps, shuffled, shuffled_sd, COLOURS[1], "shuffled conditions (chance)", 1)
     if trainer["steps"]:
         axes.line(trainer["steps"], trainer["values"], None, COLOURS[2],
-                  "trainer's own validation (16 held-out, diffusers pipeline)", 2, dashed=True)
+                  "trainer's own validation (16 held-out conditions)", 2, dashed=True)
     fired = trainer["sudden_convergence_step"]
     if fired is not None:
         axes.vline(fired, COLOURS[3], f"sudden convergence detected: step {fired}")

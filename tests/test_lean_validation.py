@@ -97,9 +97,11 @@ def loading_refused():
 
 
 def watch_validation(monkeypatch):
-    """Wrap `train.trainer.run_validation`: while it runs, loading is refused and the
-    family's pipeline is captured with what it was built from. Returns the list of
-    records, one per validation: its arguments, the pipeline and the refused loads."""
+    """Wrap `train.trainer.run_validation`: while it runs, loading is refused, and the
+    family's pipeline (flow families) or the sampler's call (SD, SDXL: train/sampler.py)
+    is captured with what it was given. Returns the list of records, one per validation:
+    its arguments, the pipelines, the sampler calls and the refused loads."""
+    import train.sampler as sampler
     import train.trainer as trainer
 
     records: list[dict] = []
@@ -107,19 +109,24 @@ def watch_validation(monkeypatch):
 
     def watched(batch, cfg, accelerator, frozen, denoiser, controlnet, step, dtype):
         record = {"frozen": frozen, "denoiser": accelerator.unwrap_model(denoiser),
-                  "controlnet": accelerator.unwrap_model(controlnet), "pipes": []}
+                  "controlnet": accelerator.unwrap_model(controlnet), "pipes": [], "samples": []}
         records.append(record)
         family_cls = type(frozen.family)
-        make_pipeline = family_cls.pipeline
+        make_pipeline, draw = family_cls.pipeline, sampler.sample
 
         def capture(self, *args, **kwargs):
             pipe = make_pipeline(self, *args, **kwargs)
             record["pipes"].append(pipe)
             return pipe
 
+        def capture_sample(sampled_frozen, scheduler, controls, *args, **kwargs):
+            record["samples"].append({"frozen": sampled_frozen, "controls": controls, "mode": args[2]})
+            return draw(sampled_frozen, scheduler, controls, *args, **kwargs)
+
         with loading_refused() as calls, pytest.MonkeyPatch.context() as patch:
             record["loads"] = calls
             patch.setattr(family_cls, "pipeline", capture)
+            patch.setattr(sampler, "sample", capture_sample)
             return validate(batch, cfg, accelerator, frozen, denoiser, controlnet, step, dtype)
 
     monkeypatch.setattr(trainer, "run_validation", watched)
@@ -158,9 +165,37 @@ def test_validation_samples_with_the_training_modules_and_loads_nothing(built, n
     assert record["frozen"] is frozen
     assert record["controlnet"] is result["models"]["controlnet"]
     assert (frozen.text_encoders == []) == (text == "cached")
-    assert len(record["pipes"]) == 1
-    assert_pipeline_is_made_of(record["pipes"][0], name, frozen, result["models"]["denoiser"],
-                               result["models"]["controlnet"])
+    denoiser, controlnet = result["models"]["denoiser"], result["models"]["controlnet"]
+    if frozen.family.SAMPLES_THROUGH_PIPELINE:
+        assert len(record["pipes"]) == 1 and record["samples"] == []
+        assert_pipeline_is_made_of(record["pipes"][0], name, frozen, denoiser, controlnet)
+        return
+    assert record["pipes"] == [] and len(record["samples"]) == 1  # as `sample` draws: train/sampler.py, paper mode
+    drawn = record["samples"][0]
+    assert drawn["mode"] == "paper" and len(drawn["controls"]) == 1 and drawn["controls"][0].model is controlnet
+    assert drawn["frozen"].denoiser is denoiser is frozen.denoiser and drawn["frozen"].vae is frozen.vae
+    assert all(a is b for a, b in zip(drawn["frozen"].text_encoders, frozen.text_encoders))
+    assert len(drawn["frozen"].text_encoders) == len(frozen.text_encoders)
+
+
+def test_validation_mode_reaches_the_sampler_and_is_refused_where_a_pipeline_samples(built, tmp_path, monkeypatch):
+    """--validation-mode both on SD draws in that mode; on SD3 (validated through its
+    diffusers pipeline, control in both branches) paper is refused before any model loads."""
+    from train import families
+    from train.errors import TrainError
+    from train.trainer import train
+
+    base, out = built["sd"]
+    records = watch_validation(monkeypatch)
+    train(train_config(out, base, tmp_path / "sd", validation_mode="both"), log=lambda *_: None)
+    assert [s["mode"] for r in records for s in r["samples"]] == ["both"]
+
+    base, out = built["sd3"]
+    loads = []
+    monkeypatch.setattr(type(families.detect(str(base))), "load", lambda *a, **k: loads.append(a))
+    with pytest.raises(TrainError, match="--validation-mode paper: .*use --validation-mode both"):
+        train(train_config(out, base, tmp_path / "sd3", validation_mode="paper"), log=lambda *_: None)
+    assert loads == []
 
 
 @pytest.mark.parametrize("load", ["scheduler", "vae", "tokenizer", "pipeline", "family"])

@@ -83,6 +83,12 @@ def test_sigterm_stops_the_worker_processes_too(smoke, tmp_path):
 
     import psutil
 
+    def command(process) -> str:  # a child may end (a zombie, then gone) between listing and reading
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:
+            return ""
+
     _, sd, _ = smoke
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "reproduce.py"), "--smoke", "--base", str(sd),
                              "--output", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -92,7 +98,7 @@ def test_sigterm_stops_the_worker_processes_too(smoke, tmp_path):
         workers: list = []
         while time.time() < deadline and len(workers) < 2:  # the job pool: spawned workers besides the tracker
             workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                       if "spawn_main" in " ".join(c.cmdline())]
+                       if "spawn_main" in command(c)]
             time.sleep(0.5)
         assert len(workers) >= 2, "the run never started its worker processes"
         proc.send_signal(signal.SIGTERM)
@@ -231,6 +237,60 @@ def test_the_stop_signal_fires_within_one_validation_of_a_planted_rise(spacing, 
         assert tracker.to_json()["rule"].startswith("own - shuffled")
 
 
+def test_a_run_validating_every_50_steps_answers_for_spacings_100_and_250():
+    """ConvergenceTracker.replay: the per-image scores a run records (controllability.json)
+    fed again at a coarser spacing give exactly the tracker a run at that spacing has."""
+    import numpy as np
+
+    from train.metrics import ConvergenceTracker
+
+    rng = np.random.default_rng(3)
+    scores = {step: _validation_scores(rng, _curve(1000, 300, step)) for step in range(50, 2001, 50)}
+    fine = ConvergenceTracker()
+    for step, (own, shuffled) in scores.items():
+        fine.add_scores(step, own, shuffled)
+    record = json.loads(json.dumps(fine.to_json()))  # as the trainer writes it
+    for spacing in (50, 100, 250):
+        direct = ConvergenceTracker()
+        for step in range(spacing, 2001, spacing):
+            direct.add_scores(step, *scores[step])
+        replayed = ConvergenceTracker.replay(record, spacing)
+        assert replayed.steps == direct.steps and replayed.p_values == pytest.approx(direct.p_values, rel=1e-12)
+        assert replayed.converged_at == direct.converged_at is not None, spacing
+    assert ConvergenceTracker.replay(record, 250).converged_at != ConvergenceTracker.replay(record, 50).converged_at
+    with pytest.raises(ValueError, match="every 50 steps"):
+        ConvergenceTracker.replay(record, 75)
+    with pytest.raises(ValueError, match="no per-image scores"):
+        ConvergenceTracker.replay({k: v for k, v in record.items() if k != "own_scores"}, 100)
+
+
+def test_the_report_puts_the_stop_signal_against_the_evaluation_curve():
+    """reproduce.stop_signal: the evaluation curve's rise (the first evaluated step past
+    the midpoint between the base and the best), and at each spacing whether the signal
+    fired within one validation of it; a signal that fires late is reported as such."""
+    import numpy as np
+
+    from train.metrics import ConvergenceTracker
+
+    _circles()  # bench/ on the path
+    import reproduce as bench_reproduce
+
+    curve = {str(k): {"f1": f} for k, f in ((200, 0.12), (400, 0.55), (600, 0.85), (800, 0.86))}
+
+    def record(jump: int) -> dict:
+        rng, tracker = np.random.default_rng(0), ConvergenceTracker()
+        for step in range(50, 801, 50):
+            tracker.add_scores(step, *_validation_scores(rng, 0.75 if step >= jump else 0.13))
+        return json.loads(json.dumps(tracker.to_json()))
+
+    result = bench_reproduce.stop_signal(record(400), curve, 0.12)
+    assert result["eval_rise"]["step"] == 400 and result["eval_rise"]["after"] == 200
+    assert {k: v["fired"] for k, v in result["spacings"].items()} == {50: 400, 100: 400, 250: 500}
+    assert all(v["within_one_validation"] for v in result["spacings"].values())
+    late = bench_reproduce.stop_signal(record(700), curve, 0.12)["spacings"]
+    assert late[50]["fired"] == 700 and not late[50]["within_one_validation"] and not late[100]["within_one_validation"]
+
+
 def test_the_stop_signal_does_not_fire_on_noise_or_on_sharper_pictures_alone():
     import numpy as np
 
@@ -266,7 +326,7 @@ def test_the_stop_signal_asks_for_two_significant_validations_and_drives_stop_af
 
 
 def test_the_trainer_feeds_the_stop_signal_per_image_scores(tmp_path):
-    """trainer._track_controllability: per-image own and shuffled F1 of the validation
+    """validation.track_controllability: per-image own and shuffled F1 of the validation
     images; samples that draw their own condition make it fire at the first of two such
     validations, and --stop-after-convergence K stops K steps later."""
     from types import SimpleNamespace
@@ -274,13 +334,13 @@ def test_the_trainer_feeds_the_stop_signal_per_image_scores(tmp_path):
     import numpy as np
     import torch
 
-    from train import trainer
+    from train import validation
 
     C = _circles()
     _, circles = C.circle_sets(0, 16, seed=0)
     cfg = SimpleNamespace(condition="canny", validation_annotator=None, seed=0, output_dir=str(tmp_path),
                           stop_after_convergence=100)
-    tracker = trainer._controllability_tracker(cfg)
+    tracker = validation.controllability_tracker(cfg)
     canny = tracker.annotator
     pictures = [np.asarray(c.draw()) for c in circles]
     conditions = [canny(p, np.random.default_rng(0))[0] for p in pictures]
@@ -288,7 +348,7 @@ def test_the_trainer_feeds_the_stop_signal_per_image_scores(tmp_path):
     accelerator = SimpleNamespace(log=lambda *a, **k: None)
     logged: list[str] = []
     blank = [np.full_like(pictures[0], 128) for _ in pictures]
-    stops = [trainer._track_controllability(tracker, batch, images, cfg, step, accelerator, logged.append)
+    stops = [validation.track_controllability(tracker, batch, images, cfg, step, accelerator, logged.append)
              for step, images in ((100, blank), (200, pictures), (300, pictures), (400, pictures))]
     assert tracker.converged_at == 200 and stops == [False, False, True, True]
     assert any("sudden convergence detected at step 200" in line for line in logged)
@@ -339,3 +399,4 @@ def test_composition_part_smoke_trains_both_conditions_and_scores_every_arm_twic
     assert json.loads((runs / "canny-s0" / "controllability.json").read_text())["metric"] == "f1_2px"
     record = json.loads((out / "work" / "samples" / "composed-s0" / "0000.json").read_text())
     assert record["conditions"] == ["canny", "color_grid"] and len(record["controlnets"]) == 2
+

@@ -229,13 +229,13 @@ def test_the_best_validated_controlnet_is_kept_beside_the_last(setup, tmp_path, 
     import train.trainer as trainer
 
     seen: dict[int, dict] = {}
-    track = trainer._track_controllability
+    track = trainer.track_controllability
 
     def recording(tracker, batch, images, cfg, step, accelerator, log, controlnet=None):
         seen[step] = {k: v.detach().clone() for k, v in accelerator.unwrap_model(controlnet).state_dict().items()}
         return track(tracker, batch, images, cfg, step, accelerator, log, controlnet)
 
-    monkeypatch.setattr(trainer, "_track_controllability", recording)
+    monkeypatch.setattr(trainer, "track_controllability", recording)
     out = tmp_path / "val"
     train(config(setup, out, max_train_steps=4, validation_steps=1, num_validation_images=2,
                  validation_inference_steps=2, learning_rate=1e-2), log=lambda *_: None)

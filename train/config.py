@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+#: where `controlforge sample` puts the control and how it weights it (train/sampler.py)
+GuidanceMode = Literal["paper", "lllyasviel", "diffusers", "both", "uncond"]
+
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -75,6 +78,11 @@ class TrainConfig(BaseModel):
     validation_shards: list[str] = Field(default_factory=list, description="held-out shards for validation and the controllability curve (default: the first training shard)")
     validation_guidance_scale: float = Field(7.5, ge=1.0)
     validation_inference_steps: int = Field(20, ge=1)
+    validation_mode: GuidanceMode | None = Field(None, description="guidance weighting of the validation samples, "
+                                                 "as `controlforge sample --mode` (None: the same default, paper; "
+                                                 "both for SD3 and Flux, which validate through their diffusers "
+                                                 "pipeline). Validating as you will sample keeps the "
+                                                 "controllability curve, the stop signal and OUT/best on that curve")
     validation_annotator: dict[str, Any] = Field(default_factory=dict, description="parameters of the condition's annotator (e.g. weights) for the controllability metric")
     stop_after_convergence: int | None = Field(None, ge=0, description="end the run this many steps after sudden convergence")
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
@@ -96,9 +104,6 @@ class TrainConfig(BaseModel):
         return self.flip if self.flip is not None else self.condition != "openpose"
 
 
-
-#: where `controlforge sample` puts the control and how it weights it (train/sampler.py)
-GuidanceMode = Literal["paper", "lllyasviel", "diffusers", "both", "uncond"]
 #: where a sample's prompt comes from (train/sample_cli.py resolve_prompt)
 PromptMode = Literal["none", "default", "auto", "user"]
 

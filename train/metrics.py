@@ -7,6 +7,7 @@ one size) and returns one number; `higher_is_better` says which way is good.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -229,6 +230,11 @@ def significant_convergence(steps: Sequence[int], own: Sequence[Sequence[float]]
     return None
 
 
+def validation_spacing(steps: Sequence[int]) -> int:
+    """The validation spacing of a recorded run: the gcd of its steps."""
+    return math.gcd(*steps) if steps else 1
+
+
 def sudden_convergence(steps: Sequence[int], values: Sequence[float], higher_is_better: bool = True,
                        min_rise: float | None = None) -> int | None:
     """The step where the metric jumps, or None. The earlier rule, for a curve of means
@@ -328,7 +334,27 @@ class ConvergenceTracker:
         elif self._own:
             out.update({"shuffled_values": self.shuffled_values, "p_values": self.p_values,
                         "rule": f"too few validation images for p < {self.alpha}: the curve's sudden rise"})
+        if self._own:  # what `replay` feeds again
+            out.update({"own_scores": [o.tolist() for o in self._own],
+                        "shuffled_scores": [s.tolist() for s in self._shuffled]})
         return out
+
+    @classmethod
+    def replay(cls, record: dict, spacing: int) -> "ConvergenceTracker":
+        """The tracker of a run that validated every `spacing` steps, from the per-image
+        scores a finer run recorded (`to_json`): its validations at multiples of `spacing`,
+        fed again. Exact, since validation draws from its own generator and leaves the
+        training unchanged; so one run at a fine spacing answers for every multiple of it."""
+        steps = record["steps"]
+        if "own_scores" not in record:
+            raise ValueError("the record holds no per-image scores (a run from before they were kept)")
+        if spacing % validation_spacing(steps):
+            raise ValueError(f"the run validated every {validation_spacing(steps)} steps: replay at a multiple of that")
+        tracker = cls(record["higher_is_better"])
+        for step, own, shuffled in zip(steps, record["own_scores"], record["shuffled_scores"]):
+            if step % spacing == 0:  # the scores as add_scores took them, higher is better
+                tracker.add_scores(step, own, shuffled)
+        return tracker
 
     def plot(self, path, title: str = "controllability") -> None:
         """A small line chart as PNG (PIL only: no plotting dependency)."""

@@ -34,7 +34,7 @@ from common.config import ConfigError, load_config
 from common.flags import add_model_flags, overrides_from
 
 from .config import EvalConfig, PromptMode, SampleConfig
-from .sampler import DEFAULT_PROMPT, Control, SampleResult, sample
+from .sampler import DEFAULT_PROMPT, Control, SampleResult, resolve_mode, sample
 
 PROMPT_MODES = typing.get_args(PromptMode)
 
@@ -118,7 +118,7 @@ def run_sample(cfg: SampleConfig, log=print) -> list[dict[str, Any]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     frozen = load_base(cfg, device, dtype)
-    mode = guidance_mode(cfg, frozen.family)
+    mode = resolve_mode(cfg.mode, frozen.family)
     nets = load_controlnets(cfg, frozen, device, dtype)
     draw = make_draw(cfg, frozen, nets, mode, device, dtype)
     jobs = sampling_jobs(cfg)
@@ -152,17 +152,6 @@ def load_base(cfg: SampleConfig, device: str, dtype: torch.dtype):
     for encoder in frozen.text_encoders:
         encoder.to(device)
     return frozen
-
-
-def guidance_mode(cfg: SampleConfig, family) -> str:
-    """--mode, or its default: `paper`, or `both` for families that sample through their
-    diffusers pipeline (which puts the control in both CFG branches, and nowhere else)."""
-    if not family.SAMPLES_THROUGH_PIPELINE:
-        return cfg.mode or "paper"
-    if cfg.mode not in (None, "both"):
-        raise ValueError(f"--mode {cfg.mode}: {family.NAME} samples through diffusers' {family.PIPELINE}, which puts "
-                         f"the control in both CFG branches: use --mode both")
-    return "both"
 
 
 def load_controlnets(cfg: SampleConfig, frozen, device: str, dtype: torch.dtype) -> list:

@@ -46,6 +46,18 @@ def control_weights(mode: str, sizes: Sequence[int]) -> list[float]:
     return [1.0] * n
 
 
+def resolve_mode(mode: str | None, family, flag: str = "--mode") -> str:
+    """`mode`, or its default: `paper`, or `both` for families that sample through their
+    diffusers pipeline (which puts the control in both CFG branches, and nowhere else);
+    ValueError naming `flag` for a mode such a family cannot draw."""
+    if not family.SAMPLES_THROUGH_PIPELINE:
+        return mode or "paper"
+    if mode not in (None, "both"):
+        raise ValueError(f"{flag} {mode}: {family.NAME} samples through diffusers' {family.PIPELINE}, which puts "
+                         f"the control in both CFG branches: use {flag} both")
+    return "both"
+
+
 @dataclass
 class Control:
     """One ControlNet with its condition image (B x 3 x H x W in [0, 1]) and scale."""
@@ -87,12 +99,16 @@ class SampleResult:
 @torch.no_grad()
 def sample(frozen, scheduler, controls: Sequence[Control], prompts: list[str], negative_prompt: str = "",
            mode: str = "paper", steps: int = 20, guidance_scale: float = 9.0, height: int = 512, width: int = 512,
-           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SampleResult:
+           generator: torch.Generator | Sequence[torch.Generator] | None = None, embeds: tuple | None = None,
+           negative_embeds: tuple | None = None) -> SampleResult:
     """DDIM + CFG on a loaded base (`families.load`: its UNet, VAE and the family's prompt
     encoding), with `mode` deciding where the control goes and how it is weighted.
 
     `generator` may be one per prompt: each sample's starting noise then comes from its
-    own generator, so a sample is the same whether it is drawn alone or in a batch."""
+    own generator, so a sample is the same whether it is drawn alone or in a batch.
+    `embeds`, `negative_embeds`: (hidden, pooled or None) stored for the prompts and the
+    negative prompt, batch-sized, used instead of encoding them (a run on cached prompt
+    embeddings has no text encoders)."""
     from PIL import Image
 
     unet, vae = frozen.denoiser, frozen.vae
@@ -100,11 +116,11 @@ def sample(frozen, scheduler, controls: Sequence[Control], prompts: list[str], n
     dtype = next(unet.parameters()).dtype
     batch = len(prompts)
 
-    def encode(texts: list[str]):
-        return frozen.family.conditioning(frozen, texts, device, None, (height, width))
+    def encode(texts: list[str], stored: tuple | None):
+        return frozen.family.conditioning(frozen, texts, device, None, (height, width), embeds=stored)
 
-    cond_text, cond_added = encode(prompts)
-    uncond_text, uncond_added = encode([negative_prompt] * batch)
+    cond_text, cond_added = encode(prompts, embeds)
+    uncond_text, uncond_added = encode([negative_prompt] * batch, negative_embeds)
     cond_text, uncond_text = cond_text.to(dtype), uncond_text.to(dtype)
     cond_added, uncond_added = cast(cond_added, dtype), cast(uncond_added, dtype)
     factor = frozen.vae_scale_factor

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from . import families, text_embeddings
+from . import families, sampler, text_embeddings
 from .bad_samples import BadDataError, BadSampleTally
 from .checkpoints import latest_complete, load_rank_state, read_state, save_checkpoint, save_model_atomic
 from .config import TrainConfig
 from .data import (cached_latents_match, expand_shards, loader_workers, make_dataset, make_hf_dataset, make_loader,
                    missing_members)
 from .errors import TrainError
+from .validation import controllability_tracker, run_validation, track_controllability, validation_batch
 
 
 class PromptDropout:
@@ -49,7 +50,6 @@ class PromptDropout:
         self.generator.set_state(state["generator"])
 
 
-BEST_DIR = "best"  # OUT/best: the ControlNet that scored best at validation, beside the last one in OUT
 
 
 def _resume_path(cfg: TrainConfig, log) -> Path | None:
@@ -104,6 +104,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     urls = expand_shards(cfg.shards) if not cfg.dataset else []
     try:
         family = families.detect(cfg.pretrained_model)
+        sampler.resolve_mode(cfg.validation_mode, family, "--validation-mode")  # refused before any model loads
         cached, text_why = _cached_text(urls, cfg, family)
         frozen = family.load(cfg.pretrained_model, weight_dtype, text=cached is None)  # cached: no text encoders
         family.check_resolution(frozen, cfg.resolution)
@@ -111,7 +112,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         controlnet = family.make_controlnet(frozen, cfg.controlnet, cfg.controlnet_init)
         if cfg.controlnet:
             family.check_controlnet(frozen, controlnet, cfg.controlnet)
-    except families.FamilyError as exc:
+    except (families.FamilyError, ValueError) as exc:
         raise TrainError(str(exc)) from None
     vae, denoiser = frozen.vae, frozen.denoiser
     log(f"base model: {frozen.family.NAME} ({cfg.pretrained_model})")
@@ -196,14 +197,14 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
             log(line)
         loader = make_loader(dataset, workers, cfg.seed)
     validation_urls = expand_shards(cfg.validation_shards) if cfg.validation_shards else urls
-    validation = (_validation_batch(validation_urls, cfg, text=cached is not None) if validation_urls
+    validation = (validation_batch(validation_urls, cfg, text=cached is not None) if validation_urls
                   and cfg.num_validation_images and accelerator.is_main_process else None)
     if validation is not None and cached is not None and "text_embeds" not in validation:
         log("the validation samples hold no prompt embeddings of this base: loading the text encoders for validation")
         frozen.tokenizers, frozen.text_encoders = families.load_text(family, cfg.pretrained_model, weight_dtype)
         for module in frozen.text_encoders:
             module.to(device)
-    tracker = _controllability_tracker(cfg) if validation is not None else None
+    tracker = controllability_tracker(cfg) if validation is not None else None
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
                                                           if isinstance(v, (int, float, str, bool))})
@@ -257,7 +258,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                     images = run_validation(validation, cfg, accelerator, frozen, denoiser, controlnet, global_step,
                                             weight_dtype)
                     if tracker is not None:
-                        stop = int(_track_controllability(tracker, validation, images, cfg, global_step, accelerator,
+                        stop = int(track_controllability(tracker, validation, images, cfg, global_step, accelerator,
                                                           log, controlnet))
                 if _broadcast_flag(accelerator, stop):
                     log(f"stopping {cfg.stop_after_convergence} steps after sudden convergence (step {global_step})")
@@ -373,133 +374,6 @@ def _tracker_available(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard" if name == "tensorboard" else "wandb") is not None
-
-
-def _validation_batch(urls: list[str], cfg: TrainConfig, text: bool = False) -> dict[str, Any]:
-    """Fixed validation conditions: the first samples of the first shard, centre-cropped;
-    `text`: with their stored prompt embeddings (`text_embeds`, `text_pooled`) when every
-    one has them (the run has no text encoders)."""
-    import random
-
-    import numpy as np
-    import webdataset as wds
-
-    from .data import collate, joint_crop_flip, to_tensors
-
-    samples = []
-    for sample in wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False, nodesplitter=None).decode("pil"):
-        image, cond = joint_crop_flip(np.asarray(sample["jpg"].convert("RGB")),
-                                      np.asarray(sample[f"{cfg.condition}.png"].convert("RGB")),
-                                      cfg.resolution, random.Random(0), False)
-        item = {**dict(zip(("pixel_values", "conditioning_pixel_values"), to_tensors(image, cond))),
-                "text": sample.get("txt", "")}
-        if text and "text.npy" in sample and _same_text_model(sample.get("json"), cfg.pretrained_model):
-            item["text_embeds"] = torch.from_numpy(np.asarray(sample["text.npy"], dtype=np.float32))
-            if "text_pooled.npy" in sample:
-                item["text_pooled"] = torch.from_numpy(np.asarray(sample["text_pooled.npy"], dtype=np.float32))
-        samples.append(item)
-        if len(samples) >= cfg.num_validation_images:
-            break
-    return collate(samples)
-
-
-def _same_text_model(meta: Any, pretrained: str) -> bool:
-    info = (json.loads(meta) if isinstance(meta, (bytes, str)) else meta or {}).get("text_embeddings") or {}
-    return bool(info) and text_embeddings.same_model(info.get("model"), pretrained)
-
-
-def run_validation(batch, cfg, accelerator, frozen, denoiser, controlnet, step, dtype) -> list:
-    """Sample with the models already in memory (no second pipeline load), through the
-    family's diffusers ControlNet pipeline; save condition | result rows."""
-    import numpy as np
-    from PIL import Image
-
-    family = frozen.family
-    pipe = family.pipeline(frozen, accelerator.unwrap_model(denoiser), accelerator.unwrap_model(controlnet),
-                           family.sampling_scheduler(frozen))
-    pipe.set_progress_bar_config(disable=True)
-    conditions = [Image.fromarray((c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-                  for c in batch["conditioning_pixel_values"]]
-    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
-    with torch.autocast(accelerator.device.type, enabled=dtype != torch.float32):
-        prompts = ({"prompt": batch["text"]} if frozen.text_encoders else  # else the stored embeddings
-                   family.cached_prompt_args(frozen, pipe, batch["text_embeds"], batch.get("text_pooled"),
-                                             accelerator.device))
-        images = pipe(**prompts, **{family.CONTROL_IMAGE_ARG: conditions},
-                      num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
-                      generator=generator, height=cfg.resolution, width=cfg.resolution,
-                      **family.EXTRA_PIPELINE_ARGS).images
-    size = cfg.resolution
-    grid = Image.new("RGB", (2 * size, len(images) * size))
-    for row, (cond, image) in enumerate(zip(conditions, images)):
-        grid.paste(cond, (0, row * size))
-        grid.paste(image, (size, row * size))
-    folder = Path(cfg.output_dir) / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:07d}.png"
-    grid.save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
-    return images
-
-
-def _controllability_tracker(cfg: TrainConfig):
-    from .metrics import METRICS, ConvergenceTracker
-
-    metric = METRICS.get(cfg.condition)
-    if metric is None:
-        return None
-    from stages.annotators import create
-
-    annotator = create([cfg.condition], {cfg.condition: cfg.validation_annotator} if cfg.validation_annotator else {})
-    tracker = ConvergenceTracker(metric.higher_is_better)
-    tracker.annotator = annotator[cfg.condition]
-    return tracker
-
-
-def _track_controllability(tracker, batch, images, cfg, step, accelerator, log, controlnet=None) -> bool:
-    """Re-annotate the validation samples, log the metric, look for sudden convergence; keep
-    the ControlNet that scored best so far in OUT/best (the weights validation sampled
-    with, not the EMA copy), so a run that overshoots still has its best model."""
-    import numpy as np
-
-    from .metrics import METRICS, controllability_scores
-
-    conditions = [(c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for c in batch["conditioning_pixel_values"]]
-    own, shuffled = controllability_scores(cfg.condition, tracker.annotator, conditions, images, seed=cfg.seed)
-    before = tracker.converged_at
-    tracker.add_scores(step, own, shuffled)  # the stop signal: own vs shuffled, paired over the images
-    value = tracker.values[-1]
-    name = METRICS[cfg.condition].name
-    accelerator.log({f"controllability/{name}": value, f"controllability/{name}_shuffled": tracker.shuffled_values[-1]},
-                    step=step)
-    if tracker.converged_at is not None and before is None:
-        log(f"sudden convergence detected at step {tracker.converged_at} ({name})")
-    out = Path(cfg.output_dir)
-    if controlnet is not None and tracker.last_is_best() and _beats_saved_best(out / BEST_DIR, step, tracker):
-        best = out / BEST_DIR
-        best.mkdir(parents=True, exist_ok=True)
-        save_model_atomic(accelerator.unwrap_model(controlnet), best,
-                          {"global_step": step, "metric": name, "value": value,
-                           "shuffled": tracker.shuffled_values[-1] if tracker.shuffled_values else None,
-                           "picked_by": "the best controllability on the validation samples so far"})
-    (out / "controllability.json").write_text(json.dumps({"metric": name, **tracker.to_json()}, indent=1))
-    tracker.plot(out / "controllability.png", f"{cfg.condition} {name}")
-    return tracker.should_stop(step, cfg.stop_after_convergence)
-
-
-def _beats_saved_best(folder: Path, step: int, tracker) -> bool:
-    """Whether the latest score beats OUT/best's, as saved before a resume (a best saved at a
-    later step than this one is another run's, and does not count)."""
-    try:
-        saved = json.loads((folder / "train_state.json").read_text())  # save_model_atomic's summary
-    except (OSError, ValueError):
-        return True
-    if not saved or saved.get("global_step", step) >= step or saved.get("value") is None:
-        return True
-    value = tracker.values[-1]
-    return value > saved["value"] if tracker.higher_is_better else value < saved["value"]
 
 
 def _broadcast_flag(accelerator, flag: int) -> bool:

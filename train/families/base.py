@@ -151,9 +151,14 @@ class Family(abc.ABC):
         """The ControlNet pipeline's prompt keywords from stored embeddings, for a run whose
         text encoders are not loaded: the prompts' hidden states, and for the negative branch
         the stored empty prompt's (what the pipeline encodes when given no negative prompt)."""
-        empty_hidden, _ = frozen.empty_text
         return {"prompt_embeds": hidden.to(device),
-                "negative_prompt_embeds": empty_hidden.expand(hidden.shape[0], -1, -1).to(device)}
+                "negative_prompt_embeds": self.empty_negative(frozen, hidden.shape[0], device)[0]}
+
+    def empty_negative(self, frozen: Frozen, n: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stored empty prompt's (hidden, pooled or None), `n` times: the negative CFG
+        branch of a run without text encoders."""
+        hidden, pooled = frozen.empty_text
+        return hidden.expand(n, -1, -1).to(device), None if pooled is None else pooled.expand(n, -1).to(device)
 
 
     @abc.abstractmethod

@@ -61,7 +61,7 @@ class Flow(Family):
         return frozen.tokenizers[index], frozen.text_encoders[index]
 
     def check_settings(self, frozen: Frozen, cfg) -> None:
-        if getattr(cfg, "consistency_weight", 0.0) > 0:
+        if cfg.consistency_weight > 0:
             raise FamilyError(f"--consistency-weight is implemented for SD 1.x/2.x and SDXL bases, not {self.TITLE}")
         for name in UNET_ONLY:
             if getattr(cfg, name, False):

@@ -49,7 +49,7 @@ class SD(Family):
         condition with a differentiable counterpart (train/consistency.py)."""
         from ..consistency import CONDITIONS
 
-        if getattr(cfg, "consistency_weight", 0.0) > 0 and cfg.condition not in CONDITIONS:
+        if cfg.consistency_weight > 0 and cfg.condition not in CONDITIONS:
             raise FamilyError(f"--consistency-weight: condition {cfg.condition!r} has no differentiable counterpart "
                               f"here (it has for: {', '.join(CONDITIONS)})")
 
@@ -118,7 +118,7 @@ class SD(Family):
         else:
             target = noise
         loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
-        if getattr(cfg, "consistency_weight", 0.0) > 0:  # no extra random draws otherwise
+        if cfg.consistency_weight > 0:  # no extra random draws otherwise
             loss = loss + cfg.consistency_weight * self.consistency_loss(frozen, latents, hidden, added, condition,
                                                                          denoiser, controlnet, cfg, device)
         return loss

@@ -104,11 +104,9 @@ class SD3(flow.Flow):
     def cached_prompt_args(self, frozen: Frozen, pipe, hidden, pooled, device) -> dict:
         """Both CFG branches from stored embeddings: the prompts', and the stored empty
         prompt's for the negative branch (what the pipeline encodes when given none)."""
-        empty_hidden, empty_pooled = frozen.empty_text
-        n = hidden.shape[0]
+        empty_hidden, empty_pooled = self.empty_negative(frozen, hidden.shape[0], device)
         return {"prompt_embeds": hidden.to(device), "pooled_prompt_embeds": pooled.to(device),
-                "negative_prompt_embeds": empty_hidden.expand(n, -1, -1).to(device),
-                "negative_pooled_prompt_embeds": empty_pooled.expand(n, -1).to(device)}
+                "negative_prompt_embeds": empty_hidden, "negative_pooled_prompt_embeds": empty_pooled}
 
     def pipeline_parts(self, frozen: Frozen, denoiser, scheduler) -> dict:
         (tokenizer, encoder), (tokenizer_2, encoder_2), (tokenizer_3, encoder_3) = (

@@ -79,10 +79,8 @@ class SDXL(SD):
         prompt's embeddings."""
         args = {"prompt_embeds": hidden.to(device), "pooled_prompt_embeds": pooled.to(device)}
         if not pipe.config.get("force_zeros_for_empty_prompt", True):
-            empty_hidden, empty_pooled = frozen.empty_text
-            n = hidden.shape[0]
-            args.update(negative_prompt_embeds=empty_hidden.expand(n, -1, -1).to(device),
-                        negative_pooled_prompt_embeds=empty_pooled.expand(n, -1).to(device))
+            empty_hidden, empty_pooled = self.empty_negative(frozen, hidden.shape[0], device)
+            args.update(negative_prompt_embeds=empty_hidden, negative_pooled_prompt_embeds=empty_pooled)
         return args
 
     def pipeline_parts(self, frozen: Frozen, denoiser, scheduler) -> dict:
