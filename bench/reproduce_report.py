@@ -58,6 +58,19 @@ class Axes:
         self.draw.text((self.px(x) + 4, self.h - self.bottom - 16), label, fill=colour)
 
 
+def _final_dropout_lines(ab: list[dict]) -> list[str]:
+    """The prompt-dropout ablation at the final checkpoint (full mode): without prompts, and
+    with them (is prompt following kept?)."""
+    if "final_step" not in ab[0]:
+        return []
+    rows = [("50 % (paper), no prompt", "dropout_50_no_prompt_final"), ("0 %, no prompt", "dropout_0_no_prompt_final"),
+            ("50 % (paper), with the caption", "dropout_50_final"), ("0 %, with the caption", "dropout_0_final")]
+    return [f"At the final checkpoint (step {ab[0]['final_step']}):", "",
+            "| prompt dropout | edge F1 | colours right (vs the held-out caption) |", "| --- | --- | --- |",
+            *[f"| {label} | {_fmt(_ms([x[key]['f1'] for x in ab]))} | "
+              f"{_fmt(_ms([x[key]['colour_accuracy'] for x in ab]))} |" for label, key in rows], ""]
+
+
 def curve_plot(path: Path, results: dict) -> None:
     seeds = list(results["seeds"].values())
     steps = [0] + sorted(int(k) for k in seeds[0]["curve"])
@@ -202,6 +215,7 @@ def write_report(out: Path, results: dict) -> None:
               f"{_fmt(_ms([x['dropout_50_no_prompt']['colour_accuracy'] for x in ab]))} |",
               f"| 0 % | {_fmt(_ms([x['dropout_0_no_prompt']['f1'] for x in ab]))} | "
               f"{_fmt(_ms([x['dropout_0_no_prompt']['colour_accuracy'] for x in ab]))} |", "",
+              *_final_dropout_lines(ab),
               "## Guidance modes (final checkpoint)", "", "![guidance](guidance.png)", "",
               "| mode | edge F1 | F1 shuffled | colours right |", "| --- | --- | --- | --- |"]
     for n in names:

@@ -40,9 +40,14 @@ def test_smoke_run_writes_results_report_and_comparable_samples(smoke):
     seed = results["seeds"]["0"]
     assert sorted(seed["curve"], key=int) == ["2", "4"] and set(seed["guidance"]) >= {
         "paper (CFG resolution weighting)", "both branches", "unconditional branch only", "no CFG (scale 1)"}
-    assert set(seed["ablations"]) == {"zero_init", "random_init", "dropout_50_no_prompt", "dropout_0_no_prompt"}
+    assert set(seed["ablations"]) == {"zero_init", "random_init", "dropout_50_no_prompt", "dropout_0_no_prompt",
+                                      "final_step", "dropout_50_no_prompt_final", "dropout_0_no_prompt_final",
+                                      "dropout_50_final", "dropout_0_final"}  # the full mode's, as smoke runs them
+    assert seed["ablations"]["final_step"] == 4
     report = (out / "report.md").read_text()
     assert "## Ablations" in report and "![curve](curve.png)" in report
+    assert "At the final checkpoint (step 4)" in report and "0 %, with the caption" in report
+    assert "## Stop signal against the evaluation curve" in report
     for name in ("curve.png", "guidance.png", "contact_sheet.png"):
         assert (out / name).stat().st_size > 1000
     records = {}
@@ -390,13 +395,44 @@ def test_composition_part_smoke_trains_both_conditions_and_scores_every_arm_twic
     on its own metric, so it trained on color_grid), three arms and the base, each scored for
     edges and for colours; the composed sample records both ControlNets."""
     out, result = smoke_part(tmp_path, "composition")
-    assert set(result["arms"]) == {"canny only", "colour only", "composed"}
+    assert set(result["arms"]) == {"canny only", "colour only", "composed", "composed, colour at 0.5"}
     for entry in [*result["arms"].values()]:
         assert 0 <= entry["f1"]["mean"] <= 1 and 0 <= entry["colour_following"]["mean"] <= 1
+    assert set(result["ratios"]) == {"composed", "composed, colour at 0.5"}
+    assert result["scales"]["composed, colour at 0.5"] == [1.0, 0.5]
     assert "| composed |" in (out / "report.md").read_text()
+    half = json.loads((out / "work" / "samples" / "composed-colour-at-0.5-s0" / "0000.json").read_text())
+    assert half["scales"] == [1.0, 0.5]
     runs = out / "work" / "runs"
     assert json.loads((runs / "colour-s0" / "controllability.json").read_text())["metric"] == "colour_error"
     assert json.loads((runs / "canny-s0" / "controllability.json").read_text())["metric"] == "f1_2px"
     record = json.loads((out / "work" / "samples" / "composed-s0" / "0000.json").read_text())
     assert record["conditions"] == ["canny", "color_grid"] and len(record["controlnets"]) == 2
 
+
+# ---- the stored base's script (bench/circles.py base) -----------------------------------------
+
+def test_the_base_script_makes_the_same_weights_bit_for_bit_and_records_its_command(tmp_path):
+    """Step-limited, seeded, on fixed threads: two runs of one command give byte-identical
+    weights (a few steps on a few images here: plumbing, not a base that draws circles);
+    the json holds the command, the schedule and the colour-following probe."""
+    import subprocess
+
+    outs = [tmp_path / "a", tmp_path / "b"]
+    command = ["bench/circles.py", "base", "--vae-steps", "2", "--unet-steps", "3", "--images", "16", "--threads", "1",
+               "--schedule", "linear-v"]
+    for out in outs:
+        proc = subprocess.run([sys.executable, *command[:2], str(out), *command[2:]], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    weights = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.safetensors"))
+    assert len(weights) == 3  # vae, unet, text encoder
+    for path in weights:
+        assert (outs[0] / path).read_bytes() == (outs[1] / path).read_bytes(), path
+    info = json.loads((outs[0] / "circles_base.json").read_text())
+    assert info["command"] == ["python", "bench/circles.py", "base", str(outs[0]), *command[2:]]
+    assert info["unet"]["steps"] == 3 and info["vae"]["steps"] == 2 and info["torch_threads"] == 1
+    assert info["noise_schedule"]["beta_schedule"] == "linear" and 0.0 <= info["colour_following_56_pairs"] <= 1.0
+    scheduler = json.loads((outs[0] / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["beta_schedule"] == "linear" and scheduler["beta_end"] == 0.02
+    assert scheduler["prediction_type"] == "v_prediction"
