@@ -251,7 +251,7 @@ def test_the_best_validated_controlnet_is_kept_beside_the_last(setup, tmp_path, 
 
 def test_best_rule_follows_the_metric_direction_and_a_resumed_runs_saved_best(tmp_path):
     from train.metrics import ConvergenceTracker
-    from train.trainer import _beats_saved_best
+    from train.validation import _beats_saved_best
 
     higher, lower = ConvergenceTracker(True), ConvergenceTracker(False)
     for step, value, best_high, best_low in ((1, 0.2, True, True), (2, 0.5, True, False), (3, 0.4, False, False),
