@@ -455,28 +455,34 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions: list
     return {"steps": step, "seconds": round(time.perf_counter() - started, 1), "final_loss": float(loss)}
 
 
+def colours_right(image, fg: str, bg: str) -> bool:
+    """Whether a picture's most common colour (nearest of COLOURS, per pixel) is `bg` and
+    its second most common `fg`: prompt following judged independently of position."""
+    names = list(COLOURS)
+    palette = np.array([COLOURS[n] for n in names], np.float32)
+    pixels = np.asarray(image.convert("RGB"), np.float32).reshape(-1, 3)
+    counts = np.bincount(np.argmin(((pixels[:, None] - palette[None]) ** 2).sum(-1), 1), minlength=len(names))
+    first, second = np.argsort(-counts)[:2]
+    return bool(names[first] == bg and names[second] == fg)
+
+
+def parse_caption(caption: str) -> tuple[str, str]:
+    """(circle colour, background colour) of a Circle.caption."""
+    return tuple(caption.removeprefix("a ").removesuffix(" background").split(" circle on a "))
+
+
 def colour_following(frozen, guidance_scale: float = 5.0, steps: int = 20) -> float:
     """The share of the 56 (circle, background) colour pairs, one sample each (seed = its
-    index), whose most common colour is the caption's background and second most common
-    its circle's: whether the base follows its prompts, as reproduce.py's colour accuracy
-    judges a sample."""
+    index), whose colours are right (colours_right): whether the base follows its prompts."""
     import torch
 
     from train.sampler import sample
 
-    names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], np.float32)
-    pairs = [(fg, bg) for fg in names for bg in names if fg != bg]
+    pairs = [(fg, bg) for fg in COLOURS for bg in COLOURS if fg != bg]
     captions = [f"a {fg} circle on a {bg} background" for fg, bg in pairs]
     images = sample(frozen, frozen.family.sampling_scheduler(frozen), [], captions, "", "paper", steps, guidance_scale,
                     SIZE, SIZE, [torch.Generator().manual_seed(i) for i in range(len(pairs))]).images
-    right = 0
-    for image, (fg, bg) in zip(images, pairs):
-        pixels = np.asarray(image, np.float32).reshape(-1, 3)
-        counts = np.bincount(np.argmin(((pixels[:, None] - palette[None]) ** 2).sum(-1), 1), minlength=len(names))
-        first, second = np.argsort(-counts)[:2]
-        right += names[first] == bg and names[second] == fg
-    return right / len(pairs)
+    return sum(colours_right(image, fg, bg) for image, (fg, bg) in zip(images, pairs)) / len(pairs)
 
 
 #: noise schedules for the base (`base --schedule`). scaled_linear with ε-prediction is SD 1.x's,

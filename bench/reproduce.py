@@ -268,21 +268,14 @@ def colour_accuracy(run: Run, folder: Path, split: str = "heldout") -> float:
     import numpy as np
     from PIL import Image
 
-    from circles import COLOURS
+    from circles import colours_right, parse_caption
 
-    names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], np.float32)
     captions = heldout_captions(run, split)
     right = []
     for record_path in sorted(folder.glob("[0-9][0-9][0-9][0-9].json")):
         record = json.loads(record_path.read_text())
-        caption = captions[record["source"]]
-        fg, bg = caption.removeprefix("a ").removesuffix(" background").split(" circle on a ")
-        pixels = np.asarray(Image.open(folder / f"{record['index']:04d}.png").convert("RGB"), np.float32).reshape(-1, 3)
-        nearest = np.argmin(((pixels[:, None] - palette[None]) ** 2).sum(-1), axis=1)
-        counts = np.bincount(nearest, minlength=len(names))
-        first, second = np.argsort(-counts)[:2]
-        right.append(names[first] == bg and names[second] == fg)
+        fg, bg = parse_caption(captions[record["source"]])
+        right.append(colours_right(Image.open(folder / f"{record['index']:04d}.png"), fg, bg))
     return float(np.mean(right))
 
 
@@ -743,14 +736,14 @@ def reproduce(args) -> dict:
     if part is None:
         results["base_no_prompt"] = done("sample base, no prompt")
     for seed in s["seeds"]:
-        if part == "generalisation":
-            results["seeds"][seed] = {"curve": {k: done(f"eval seed {seed} step {k}") for k in checkpoint_steps},
-                                      "convergence": trainer_convergence(done(f"train seed {seed}"))}
-            results["seeds"][seed]["stop_signal"] = stop_signal(results["seeds"][seed]["convergence"],
-                                                                results["seeds"][seed]["curve"], results["base"]["f1"])
-            continue
-        results["seeds"][seed] = {
+        seed_results = results["seeds"][seed] = {
             "curve": {k: done(f"eval seed {seed} step {k}") for k in checkpoint_steps},
+            "convergence": trainer_convergence(done(f"train seed {seed}"))}
+        seed_results["stop_signal"] = stop_signal(seed_results["convergence"], seed_results["curve"],
+                                                  results["base"]["f1"])
+        if part == "generalisation":
+            continue
+        seed_results.update({
             "ablation_step": a,
             "ablations": {"zero_init": done(f"eval seed {seed} step {a}"),
                           "random_init": done(f"eval seed {seed} random init"),
@@ -762,10 +755,7 @@ def reproduce(args) -> dict:
                               "dropout_50_final": done(f"eval seed {seed} step {last}"),
                               "dropout_0_final": done(f"eval seed {seed} dropout 0 final")}
                              if s.get("dropout_final") else {})},
-            "guidance": {name: done(f"guidance seed {seed} {name}") for name in GUIDANCE_MODES},
-            "convergence": trainer_convergence(done(f"train seed {seed}"))}
-        results["seeds"][seed]["stop_signal"] = stop_signal(results["seeds"][seed]["convergence"],
-                                                            results["seeds"][seed]["curve"], results["base"]["f1"])
+            "guidance": {name: done(f"guidance seed {seed} {name}") for name in GUIDANCE_MODES}})
     first = s["seeds"][0]
     shutil.copytree(run.work / "samples" / f"main-s{first}-{last}", run.out / "samples" / "controlnet",
                     dirs_exist_ok=True)

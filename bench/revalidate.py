@@ -21,24 +21,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
+import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
 
-def checkpoints(run_dir: Path, every: int) -> list[tuple[int, Path]]:
-    """(step, ControlNet folder) of the run's checkpoints at multiples of `every`, by step."""
+def checkpoints(run_dir: Path, every: int, log=print) -> list[tuple[int, Path]]:
+    """(step, ControlNet folder) of the run's whole checkpoints at multiples of `every`, by
+    step; incomplete ones (a save that did not finish) are skipped with a line saying why."""
+    from train.checkpoints import checkpoints as all_checkpoints, incomplete_reason, step_of
+
     found = []
-    for folder in run_dir.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
-        if match and int(match[1]) % every == 0 and (folder / "controlnet" / "config.json").exists():
-            found.append((int(match[1]), folder / "controlnet"))
+    for folder in all_checkpoints(run_dir):
+        if step_of(folder) % every:
+            continue
+        fault = incomplete_reason(folder)
+        if fault:
+            log(f"skipping {folder}: {fault}")
+        else:
+            found.append((step_of(folder), folder / "controlnet"))
     if not found:
-        raise SystemExit(f"error: {run_dir}: no checkpoint-K/controlnet with K a multiple of {every}")
-    return sorted(found)
+        raise SystemExit(f"error: {run_dir}: no whole checkpoint-K with K a multiple of {every}")
+    return found
 
 
 def revalidate(run_dir: Path, cfg, every: int, log=print) -> dict:
@@ -47,16 +54,27 @@ def revalidate(run_dir: Path, cfg, every: int, log=print) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from train import families
+    from train import families, text_embeddings
     from train.data import expand_shards
     from train.validation import controllability_tracker, run_validation, track_controllability, validation_batch
 
+    from train.trainer import _cached_text
+
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     family = families.detect(cfg.pretrained_model)
-    frozen = family.load(cfg.pretrained_model, torch.float32)
+    # prompts as the trainer had them: its shards' stored embeddings when they fit the base
+    cached, _ = _cached_text(expand_shards(cfg.shards), cfg, family)
+    frozen = family.load(cfg.pretrained_model, torch.float32, text=cached is None)
+    if cached is not None and text_embeddings.fit_base(cached, frozen):
+        cached = None
+    batch = validation_batch(expand_shards(cfg.validation_shards), cfg, text=cached is not None)
+    if cached is not None and "text_embeds" in batch:
+        frozen.empty_text = cached.empty
+        log(f"prompts: {cached.describe()}, as the trainer used them")
+    elif not frozen.text_encoders:
+        frozen.tokenizers, frozen.text_encoders = families.load_text(family, cfg.pretrained_model, torch.float32)
     for module in (*frozen.text_encoders, frozen.vae, frozen.denoiser):
         module.to(accelerator.device)
-    batch = validation_batch(expand_shards(cfg.validation_shards), cfg)
     tracker = controllability_tracker(cfg)
     if tracker is None:
         raise SystemExit(f"error: no controllability metric for condition {cfg.condition!r}")
@@ -70,7 +88,7 @@ def revalidate(run_dir: Path, cfg, every: int, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import TrainConfig
+    from train.config import GuidanceMode, TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a `controlforge train` output folder with checkpoint-K folders")
@@ -78,15 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=1, help="only checkpoints at multiples of this step")
     parser.add_argument("--pretrained-model", required=True)
     parser.add_argument("--validation-shards", required=True, nargs="+")
+    parser.add_argument("--shards", nargs="+", help="the run's training shards (default: the validation shards): "
+                        "when they hold this base's prompt embeddings the trainer validated with those, and so does this")
     parser.add_argument("--condition", default="canny")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--num-validation-images", type=int, default=16)
     parser.add_argument("--validation-inference-steps", type=int, default=20)
     parser.add_argument("--validation-guidance-scale", type=float, default=7.5)
-    parser.add_argument("--validation-mode", choices=("paper", "lllyasviel", "diffusers", "both", "uncond"))
+    parser.add_argument("--validation-mode", choices=typing.get_args(GuidanceMode))
     parser.add_argument("--seed", type=int, default=0, help="the run's --seed (validation's generator)")
     args = parser.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k not in ("run_dir", "output", "every")}
+    settings["shards"] = settings["shards"] or settings["validation_shards"]
     cfg = TrainConfig(**settings, output_dir=args.output, report_to="none")
     record = revalidate(args.run_dir, cfg, args.every)
     print(f"sudden convergence: step {record['sudden_convergence_step']}; {Path(args.output) / 'controllability.json'}")

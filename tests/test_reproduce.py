@@ -155,6 +155,17 @@ def test_training_distribution_leaves_out_the_band_and_a_neighbourhood_of_every_
     assert all(len(p.circles) == 2 and p.caption.startswith(f"a {p.fg} circle on a ") for p in C.two_circle_set(8))
 
 
+def test_colours_are_judged_by_the_two_most_common_palette_colours():
+    C = _circles()
+    circle = C.Circle("red", "light blue", 0.5, 0.5, 0.3)
+    assert C.parse_caption(circle.caption) == ("red", "light blue")
+    assert C.colours_right(circle.draw(), "red", "light blue")
+    assert not C.colours_right(circle.draw(), "light blue", "red"), "circle and background swapped"
+    assert not C.colours_right(circle.draw(), "green", "light blue"), "a wrong circle colour"
+    big = C.Circle("red", "light blue", 0.5, 0.5, 0.6).draw()  # the circle covers most of the picture
+    assert C.colours_right(big, "light blue", "red") and not C.colours_right(big, "red", "light blue")
+
+
 def test_the_leak_check_fails_on_leaking_sets():
     C = _circles()
     train, new = C.circle_sets(2000, 16, seed=0)
