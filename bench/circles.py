@@ -410,13 +410,15 @@ def sharpen_posterior(vae, shift: float = -10.0) -> None:
 
 
 def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions: list[str], steps: int,
-               batch: int = 64, lr: float = 1e-3, empty_rate: float = 0.1, log=print, every: int = 0,
-               on_every=None) -> dict:
+               batch: int = 64, lr: float = 1e-3, empty_rate: float = 0.1, timesteps: str = "uniform", log=print,
+               every: int = 0, on_every=None) -> dict:
     """Noise prediction on cached latents; the small text encoder learns with the UNet
     (a frozen random one follows colours poorly); 10 % empty captions for CFG; cosine lr
     over `steps`. `on_every(step)` is called every `every` steps (a progress probe)."""
     import torch
     import torch.nn.functional as F
+
+    from train.families.sd import sample_timesteps
 
     unet.train()
     text_encoder.train()
@@ -434,7 +436,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions: list
         text_ids[torch.rand(batch, generator=gen) < empty_rate] = ids[-1]
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        t = sample_timesteps(timesteps, batch, scheduler.config.num_train_timesteps, "cpu", gen)
         prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text_encoder(text_ids)[0]).sample
         target = (scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction"
                   else noise)

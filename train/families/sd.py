@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from . import Family, FamilyError, Frozen, Noised, cast, initialise, load_frozen
 
 
-def sample_timesteps(how: str, batch: int, total: int, device) -> torch.Tensor:
+def sample_timesteps(how: str, batch: int, total: int, device, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
     """`uniform` as the paper; `cubic` as T2I-Adapter: t = (1 - u^3) T puts most samples at
     high noise, where the layout is decided and the condition carries the most information."""
     if how == "cubic":
-        u = torch.rand(batch, device=device)
+        u = torch.rand(batch, device=device, generator=generator)
         return ((1 - u ** 3) * total).long().clamp(0, total - 1)
-    return torch.randint(0, total, (batch,), device=device).long()
+    return torch.randint(0, total, (batch,), device=device, generator=generator).long()
 
 
 class SD(Family):
