@@ -391,7 +391,7 @@ def train_vae(vae, pixels, steps: int, batch: int = 32, lr: float = 2e-3, log=pr
         if step % 200 == 0:
             log(f"  vae step {step} ({elapsed:.0f}s): loss {loss.item():.4f}")
     vae.eval()
-    return {"steps": step, "seconds": round(time.perf_counter() - started, 1), "final_loss": float(loss)}
+    return {"steps": step, "seconds": round(time.perf_counter() - started, 1), "final_loss": loss.item()}
 
 
 def sharpen_posterior(vae, shift: float = -10.0) -> None:
@@ -454,7 +454,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions: list
             unet.train(), text_encoder.train()
     unet.eval()
     text_encoder.eval()
-    return {"steps": step, "seconds": round(time.perf_counter() - started, 1), "final_loss": float(loss)}
+    return {"steps": step, "seconds": round(time.perf_counter() - started, 1), "final_loss": loss.item()}
 
 
 def colours_right(image, fg: str, bg: str) -> bool:

@@ -447,3 +447,34 @@ def test_the_base_script_makes_the_same_weights_bit_for_bit_and_records_its_comm
     scheduler = json.loads((outs[0] / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["beta_schedule"] == "linear" and scheduler["beta_end"] == 0.02
     assert scheduler["prediction_type"] == "v_prediction"
+
+
+def test_the_base_probe_trains_on_stored_latents_and_records_each_probe(tmp_path):
+    """bench/base_probe.py (plumbing: two steps on 64 pictures, not a recipe's quality): one
+    probe per guidance scale every --every steps, each share a fraction of the 56 colour
+    pairs, with its contact sheet; --stored --steps 0 judges the stored base as it is, and
+    reproduces the stored base's colour following as circles.colour_following judges it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from base_probe import main as probe
+
+    out = tmp_path / "probe"
+    assert probe([str(out), "--steps", "2", "--every", "1", "--images", "64", "--batch", "8", "--heads", "1",
+                  "--guidance", "2", "--threads", "2"]) == 0
+    record = json.loads((out / "probe.json").read_text())
+    assert [(p["step"], p["guidance_scale"]) for p in record["probes"]] == [(1, 2.0), (2, 2.0)]
+    for p in record["probes"]:
+        assert all(0 <= p[k] <= 1 and round(p[k] * 56, 6) == int(round(p[k] * 56)) for k in ("both", "background", "circle"))
+        assert p["both"] <= min(p["background"], p["circle"])
+        assert (out / f"step-{p['step']}-gs{p['guidance_scale']:g}.png").exists()
+    assert record["scheduler"]["prediction_type"] == "v_prediction" and record["scheduler"]["rescale_betas_zero_snr"]
+    assert record["unet"]["steps"] == 2 and record["command"][:2] == ["python", "bench/base_probe.py"]
+
+    stored = tmp_path / "stored"
+    assert probe([str(stored), "--stored", "--steps", "0", "--images", "16", "--guidance", "5", "--threads", "2"]) == 0
+    judged = json.loads((stored / "probe.json").read_text())["probes"]
+    import torch
+    from circles import STORED_BASE, colour_following
+
+    from train.families.sd import SD
+
+    assert judged[0]["both"] == colour_following(SD().load(str(STORED_BASE), torch.float32), guidance_scale=5.0)
