@@ -54,32 +54,26 @@ def revalidate(run_dir: Path, cfg, every: int, log=print) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from train import families, text_embeddings
+    from train import families
     from train.data import expand_shards
+    from train.trainer import load_base, load_text_encoders
     from train.validation import controllability_tracker, run_validation, track_controllability, validation_batch
 
-    from train.trainer import _cached_text
-
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    family = families.detect(cfg.pretrained_model)
     # prompts as the trainer had them: its shards' stored embeddings when they fit the base
-    cached, _ = _cached_text(expand_shards(cfg.shards), cfg, family)
-    frozen = family.load(cfg.pretrained_model, torch.float32, text=cached is None)
-    if cached is not None and text_embeddings.fit_base(cached, frozen):
-        cached = None
+    frozen, cached, _ = load_base(cfg, families.detect(cfg.pretrained_model), expand_shards(cfg.shards), torch.float32)
     batch = validation_batch(expand_shards(cfg.validation_shards), cfg, text=cached is not None)
     if cached is not None and "text_embeds" in batch:
-        frozen.empty_text = cached.empty
         log(f"prompts: {cached.describe()}, as the trainer used them")
     elif not frozen.text_encoders:
-        frozen.tokenizers, frozen.text_encoders = families.load_text(family, cfg.pretrained_model, torch.float32)
+        load_text_encoders(frozen, cfg, torch.float32)
     for module in (*frozen.text_encoders, frozen.vae, frozen.denoiser):
         module.to(accelerator.device)
     tracker = controllability_tracker(cfg)
     if tracker is None:
         raise SystemExit(f"error: no controllability metric for condition {cfg.condition!r}")
     for step, path in checkpoints(run_dir, every):
-        controlnet = family.load_controlnet(str(path)).to(accelerator.device)
+        controlnet = frozen.family.load_controlnet(str(path)).to(accelerator.device)
         images = run_validation(batch, cfg, accelerator, frozen, frozen.denoiser, controlnet, step, torch.float32)
         track_controllability(tracker, batch, images, cfg, step, accelerator, log)
         log(f"step {step}: own {tracker.values[-1]:.3f}, shuffled {tracker.shuffled_values[-1]:.3f}, "

@@ -105,8 +105,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     try:
         family = families.detect(cfg.pretrained_model)
         sampler.resolve_mode(cfg.validation_mode, family, "--validation-mode")  # refused before any model loads
-        cached, text_why = _cached_text(urls, cfg, family)
-        frozen = family.load(cfg.pretrained_model, weight_dtype, text=cached is None)  # cached: no text encoders
+        frozen, cached, text_why = load_base(cfg, family, urls, weight_dtype)
         family.check_resolution(frozen, cfg.resolution)
         family.check_settings(frozen, cfg)
         controlnet = family.make_controlnet(frozen, cfg.controlnet, cfg.controlnet_init)
@@ -116,11 +115,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
         raise TrainError(str(exc)) from None
     vae, denoiser = frozen.vae, frozen.denoiser
     log(f"base model: {frozen.family.NAME} ({cfg.pretrained_model})")
-    if cached is not None and (misfit := text_embeddings.fit_base(cached, frozen)):
-        cached, text_why = None, misfit
-        frozen.tokenizers, frozen.text_encoders = families.load_text(family, cfg.pretrained_model, weight_dtype)
     if cached is not None:
-        frozen.empty_text = cached.empty
         log(f"using {cached.describe()}: the text encoders are not loaded")
     elif text_why:
         log(f"encoding prompts with the text encoders ({text_why})")
@@ -201,9 +196,7 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                   and cfg.num_validation_images and accelerator.is_main_process else None)
     if validation is not None and cached is not None and "text_embeds" not in validation:
         log("the validation samples hold no prompt embeddings of this base: loading the text encoders for validation")
-        frozen.tokenizers, frozen.text_encoders = families.load_text(family, cfg.pretrained_model, weight_dtype)
-        for module in frozen.text_encoders:
-            module.to(device)
+        load_text_encoders(frozen, cfg, weight_dtype, device)
     tracker = controllability_tracker(cfg) if validation is not None else None
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
@@ -290,6 +283,28 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                        "denoiser": accelerator.unwrap_model(denoiser),
                        "vae": vae, "text_encoder": frozen.text_encoders[0] if frozen.text_encoders else None,
                        "frozen": frozen}}
+
+
+def load_base(cfg: TrainConfig, family, urls: list[str], dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """(frozen base, cached prompt embeddings or None, why not cached): the base with its
+    prompts as a run on `urls` uses them. The shards' stored embeddings when they fit the base
+    (its text encoders then not loaded, `frozen.empty_text` set), else the text encoders.
+    The trainer and bench/revalidate.py both call this, so a replay prompts as the run did."""
+    cached, why = _cached_text(urls, cfg, family)
+    frozen = family.load(cfg.pretrained_model, dtype, text=cached is None)  # cached: no text encoders
+    if cached is not None and (misfit := text_embeddings.fit_base(cached, frozen)):
+        cached, why = None, misfit
+        load_text_encoders(frozen, cfg, dtype)
+    if cached is not None:
+        frozen.empty_text = cached.empty
+    return frozen, cached, why
+
+
+def load_text_encoders(frozen, cfg: TrainConfig, dtype: torch.dtype, device=None) -> None:
+    """Give a base loaded without them its tokenizers and text encoders (on `device` if given)."""
+    frozen.tokenizers, frozen.text_encoders = families.load_text(frozen.family, cfg.pretrained_model, dtype)
+    for module in frozen.text_encoders if device is not None else ():
+        module.to(device)
 
 
 def _cached_text(urls: list[str], cfg: TrainConfig, family) -> tuple[Any, str]:
