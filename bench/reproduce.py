@@ -203,7 +203,10 @@ def base_model(run: Run, make: bool) -> str:
     if not make:
         return str(STORED_BASE)
     folder = run.work / "base"
-    make_base(folder, BASE_DEFAULTS["vae_steps"], BASE_DEFAULTS["unet_steps"], log=run.log)
+    d = BASE_DEFAULTS  # the stored base's recipe, whole
+    make_base(folder, d["vae_steps"], d["unet_steps"], d["images"], d["seed"], schedule=d["schedule"],
+              threads=d["threads"], prompt_steps=d["prompt_steps"], prompt_offset_noise=d["prompt_offset_noise"],
+              prompt_lr=d["prompt_lr"], log=run.log)
     return str(folder)
 
 
@@ -657,7 +660,7 @@ def composition_results(run: Run, s: dict) -> dict:
               for arm, controls in COMPOSED.items() if len(controls) > 1}
     return {"settings": s["composition"], "base": done("sample base"), "arms": table, "ratios": ratios,
             "scales": {arm: [scale for _, scale in controls] for arm, controls in COMPOSED.items()},
-            **ratios["composed"], "goal": "composed >= 0.9x canny-only F1 and >= 0.9x colour-only colour following"}
+            "goal": "composed >= 0.9x canny-only F1 and >= 0.9x colour-only colour following"}
 
 
 def composition_markdown(result: dict) -> list[str]:
@@ -671,7 +674,7 @@ def composition_markdown(result: dict) -> list[str]:
     for arm, entry in rows.items():
         lines.append(f"| {arm} | {entry['f1']['mean']:.3f} | {entry['colour_following']['mean']:.3f} | "
                      f"{entry['colour_accuracy']['mean']:.2f} |")
-    ratios = result.get("ratios") or {"composed": result}
+    ratios = result["ratios"]
     return lines + [""] + [f"{arm.capitalize()} / canny only, F1: {r['f1_vs_canny_only']:.2f}x; / colour only, colour "
                            f"following: {r['colour_vs_colour_only']:.2f}x (goal: 0.9x each)." for arm, r in ratios.items()
                            ] + [""]

@@ -430,8 +430,8 @@ def test_the_base_script_makes_the_same_weights_bit_for_bit_and_records_its_comm
     import subprocess
 
     outs = [tmp_path / "a", tmp_path / "b"]
-    command = ["bench/circles.py", "base", "--vae-steps", "2", "--unet-steps", "3", "--images", "16", "--threads", "1",
-               "--schedule", "linear-v"]
+    command = ["bench/circles.py", "base", "--vae-steps", "2", "--unet-steps", "3", "--prompt-steps", "2", "--images",
+               "16", "--threads", "1", "--schedule", "linear-v"]
     for out in outs:
         proc = subprocess.run([sys.executable, *command[:2], str(out), *command[2:]], cwd=ROOT, capture_output=True,
                               text=True, timeout=600)
@@ -443,6 +443,7 @@ def test_the_base_script_makes_the_same_weights_bit_for_bit_and_records_its_comm
     info = json.loads((outs[0] / "circles_base.json").read_text())
     assert info["command"] == ["python", "bench/circles.py", "base", str(outs[0]), *command[2:]]
     assert info["unet"]["steps"] == 3 and info["vae"]["steps"] == 2 and info["torch_threads"] == 1
+    assert info["prompt_phase"]["steps"] == 2 and info["prompt_phase"]["offset_noise"] == 0.3
     assert info["noise_schedule"]["beta_schedule"] == "linear" and 0.0 <= info["colour_following_56_pairs"] <= 1.0
     scheduler = json.loads((outs[0] / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["beta_schedule"] == "linear" and scheduler["beta_end"] == 0.02
@@ -459,7 +460,7 @@ def test_the_base_probe_trains_on_stored_latents_and_records_each_probe(tmp_path
 
     out = tmp_path / "probe"
     assert probe([str(out), "--steps", "2", "--every", "1", "--images", "64", "--batch", "8", "--heads", "1",
-                  "--guidance", "2", "--threads", "2"]) == 0
+                  "--guidance", "2", "--threads", "2", "--offset-noise", "0.2", "--save"]) == 0
     record = json.loads((out / "probe.json").read_text())
     assert [(p["step"], p["guidance_scale"]) for p in record["probes"]] == [(1, 2.0), (2, 2.0)]
     for p in record["probes"]:
@@ -468,13 +469,62 @@ def test_the_base_probe_trains_on_stored_latents_and_records_each_probe(tmp_path
         assert (out / f"step-{p['step']}-gs{p['guidance_scale']:g}.png").exists()
     assert record["scheduler"]["prediction_type"] == "v_prediction" and record["scheduler"]["rescale_betas_zero_snr"]
     assert record["unet"]["steps"] == 2 and record["command"][:2] == ["python", "bench/base_probe.py"]
+    assert record["settings"]["offset_noise"] == 0.2
+    assert json.loads((out / "model" / "model_index.json").read_text())["unet"][1] == "UNet2DConditionModel"
 
-    stored = tmp_path / "stored"
-    assert probe([str(stored), "--stored", "--steps", "0", "--images", "16", "--guidance", "5", "--threads", "2"]) == 0
-    judged = json.loads((stored / "probe.json").read_text())["probes"]
     import torch
+
+    threads = torch.get_num_threads()
+    stored = tmp_path / "stored"
+    assert probe([str(stored), "--stored", "--steps", "0", "--images", "16", "--guidance", "5", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads, "the probe leaves the caller's thread count as it was"
+    judged_record = json.loads((stored / "probe.json").read_text())
+    assert "schedule" not in judged_record["settings"] and "heads" not in judged_record["settings"], \
+        "options the stored base does not use are not recorded as its settings"
+    judged = judged_record["probes"]
     from circles import STORED_BASE, colour_following
 
     from train.families.sd import SD
 
     assert judged[0]["both"] == colour_following(SD().load(str(STORED_BASE), torch.float32), guidance_scale=5.0)
+
+    on = tmp_path / "stored-on"  # --stored --steps N trains the stored base on (it loads frozen)
+    assert probe([str(on), "--stored", "--steps", "1", "--images", "16", "--batch", "4", "--offset-noise", "0.3",
+                  "--guidance", "2", "--threads", "1"]) == 0
+    trained_on = json.loads((on / "probe.json").read_text())
+    assert trained_on["unet"]["steps"] == 1 and trained_on["settings"]["offset_noise"] == 0.3
+
+
+def test_the_base_scheduler_is_configured_as_the_saved_base_so_a_base_is_judged_as_the_tools_load_it():
+    """circles.base_scheduler is what make_base and base_probe sample with in memory; diffusers'
+    DDPMScheduler defaults clip the predicted clean latent to [-1, 1], which made a base that
+    follows its prompts (0.59) score 0.04. It must agree with the scheduler the base saves."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from circles import STORED_BASE, base_scheduler
+
+    saved = json.loads((STORED_BASE / "scheduler" / "scheduler_config.json").read_text())
+    config = base_scheduler().config
+    for key in ("clip_sample", "steps_offset", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                "num_train_timesteps"):
+        assert config[key] == saved[key], key
+    assert config.clip_sample is False
+
+
+def test_judge_records_a_saved_bases_colour_following_and_its_command(tmp_path):
+    """`circles.py judge BASE`: the colour following of the base as loaded, written into its
+    circles_base.json with the command; the build's other fields are kept."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from circles import STORED_BASE, judge_base
+
+    base = tmp_path / "base"
+    shutil.copytree(STORED_BASE, base)
+    before = json.loads((base / "circles_base.json").read_text())
+    result = judge_base(base, ["python", "bench/circles.py", "judge", str(base)])
+    after = json.loads((base / "circles_base.json").read_text())
+    share = after["colour_following_56_pairs"]
+    assert share == result["colour_following_56_pairs"] and 0 <= share <= 1 and round(share * 56, 6) == round(share * 56)
+    assert after["colour_following_judged_by"] == ["python", "bench/circles.py", "judge", str(base)]
+    assert {k: v for k, v in after.items() if k not in ("colour_following_56_pairs", "colour_following_judged_by")} == \
+        {k: v for k, v in before.items() if k != "colour_following_56_pairs"}
