@@ -35,22 +35,16 @@ SCHEDULES = {"scaled_linear": {},
 
 
 def colour_probe(frozen, guidance_scale: float, steps: int = 20):
-    """(both right, background right, circle right) shares over the 56 colour pairs, and the
-    samples; seeds as circles.colour_following."""
-    import torch
+    """(both right, background right, circle right) shares over circles.COLOUR_PAIRS, and the
+    samples (circles.colour_samples)."""
+    from circles import COLOUR_PAIRS, colour_samples, top_two_colours
 
-    from circles import COLOURS, SIZE, top_two_colours
-    from train.sampler import sample
-
-    pairs = [(fg, bg) for fg in COLOURS for bg in COLOURS if fg != bg]
-    images = sample(frozen, frozen.family.sampling_scheduler(frozen), [], [f"a {fg} circle on a {bg} background"
-                    for fg, bg in pairs], "", "paper", steps, guidance_scale, SIZE, SIZE,
-                    [torch.Generator().manual_seed(i) for i in range(len(pairs))]).images
+    images = colour_samples(frozen, guidance_scale, steps)
     found = [top_two_colours(image) for image in images]  # (background, circle) as drawn
-    n = len(pairs)
-    return {"both": sum(f == (bg, fg) for f, (fg, bg) in zip(found, pairs)) / n,
-            "background": sum(f[0] == bg for f, (_, bg) in zip(found, pairs)) / n,
-            "circle": sum(f[1] == fg for f, (fg, _) in zip(found, pairs)) / n}, images
+    n = len(COLOUR_PAIRS)
+    return {"both": sum(f == (bg, fg) for f, (fg, bg) in zip(found, COLOUR_PAIRS)) / n,
+            "background": sum(f[0] == bg for f, (_, bg) in zip(found, COLOUR_PAIRS)) / n,
+            "circle": sum(f[1] == fg for f, (fg, _) in zip(found, COLOUR_PAIRS)) / n}, images
 
 
 def contact_sheet(images, columns: int = 8):

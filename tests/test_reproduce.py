@@ -426,20 +426,33 @@ def test_composition_part_smoke_trains_both_conditions_and_scores_every_arm_twic
 def test_the_base_script_makes_the_same_weights_bit_for_bit_and_records_its_command(tmp_path):
     """Step-limited, seeded, on fixed threads: two runs of one command give byte-identical
     weights (a few steps on a few images here: plumbing, not a base that draws circles);
-    the json holds the command, the schedule and the colour-following probe."""
+    the json holds the command, the schedule and the colour-following probe. Saving the base
+    as it was before the prompt phase as well changes neither base: it is what
+    `--prompt-steps 0` makes, and the final base is the one made without it."""
     import subprocess
 
     outs = [tmp_path / "a", tmp_path / "b"]
     command = ["bench/circles.py", "base", "--vae-steps", "2", "--unet-steps", "3", "--prompt-steps", "2", "--images",
                "16", "--threads", "1", "--schedule", "linear-v"]
-    for out in outs:
-        proc = subprocess.run([sys.executable, *command[:2], str(out), *command[2:]], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600)
+
+    def run(out: Path, *extra: str) -> None:
+        proc = subprocess.run([sys.executable, *command[:2], str(out), *command[2:], *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+    run(outs[0])
+    run(outs[1], "--before-prompt-phase", str(tmp_path / "b-before"))
+    run(tmp_path / "no-prompt-phase", "--prompt-steps", "0")
     weights = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.safetensors"))
     assert len(weights) == 3  # vae, unet, text encoder
     for path in weights:
         assert (outs[0] / path).read_bytes() == (outs[1] / path).read_bytes(), path
+        assert (tmp_path / "b-before" / path).read_bytes() == (tmp_path / "no-prompt-phase" / path).read_bytes(), path
+    assert (outs[0] / "unet/diffusion_pytorch_model.safetensors").read_bytes() != \
+        (tmp_path / "b-before/unet/diffusion_pytorch_model.safetensors").read_bytes(), "the prompt phase trains the UNet"
+    before = json.loads((tmp_path / "b-before" / "circles_base.json").read_text())
+    assert before["prompt_phase"] is None and before["saved"].startswith("before the prompt phase")
+    assert before["command"][-2:] == ["--before-prompt-phase", str(tmp_path / "b-before")]
     info = json.loads((outs[0] / "circles_base.json").read_text())
     assert info["command"] == ["python", "bench/circles.py", "base", str(outs[0]), *command[2:]]
     assert info["unet"]["steps"] == 3 and info["vae"]["steps"] == 2 and info["torch_threads"] == 1

@@ -328,3 +328,25 @@ def test_sample_and_eval_settings_come_from_yaml_and_flags(tmp_path):
                        model=EvalConfig).folder == "f"
     with pytest.raises(ConfigError, match="condition"):
         load_config(None, overrides_from(parser.parse_args(["out/s"])), model=EvalConfig)
+
+
+def test_on_step_sees_every_ddim_step_and_its_clean_latent_prediction(tiny):
+    """`on_step` (for probes of where sampling decides something) is called once per step,
+    in order, with the scheduler's output; the last step's prev_sample is what is decoded,
+    and watching does not change the sample (random weights: plumbing only)."""
+    frozen = tiny["frozen"]
+    seen = []
+    args = dict(prompts=["a cat", "a dog"], mode="paper", steps=4, height=64, width=64)
+    watched = sample(frozen, scheduler(frozen), [], generator=torch.Generator().manual_seed(5),
+                     on_step=lambda i, t, out: seen.append((i, int(t), out.pred_original_sample.shape,
+                                                             out.prev_sample.clone())), **args)
+    plain = sample(frozen, scheduler(frozen), [], generator=torch.Generator().manual_seed(5), **args)
+    sched = scheduler(frozen)
+    sched.set_timesteps(4)
+    assert [(i, t) for i, t, *_ in seen] == list(enumerate(int(t) for t in sched.timesteps))
+    assert all(shape == seen[-1][3].shape and shape[0] == 2 for *_, shape, _ in seen)
+    with torch.no_grad():
+        decoded = frozen.vae.decode(seen[-1][3] / frozen.vae.config.scaling_factor, return_dict=False)[0]
+    first = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(first, np.asarray(watched.images[0]))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(watched.images, plain.images))

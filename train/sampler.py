@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -100,7 +100,7 @@ class SampleResult:
 def sample(frozen, scheduler, controls: Sequence[Control], prompts: list[str], negative_prompt: str = "",
            mode: str = "paper", steps: int = 20, guidance_scale: float = 9.0, height: int = 512, width: int = 512,
            generator: torch.Generator | Sequence[torch.Generator] | None = None, embeds: tuple | None = None,
-           negative_embeds: tuple | None = None) -> SampleResult:
+           negative_embeds: tuple | None = None, on_step: Callable | None = None) -> SampleResult:
     """DDIM + CFG on a loaded base (`families.load`: its UNet, VAE and the family's prompt
     encoding), with `mode` deciding where the control goes and how it is weighted.
 
@@ -108,7 +108,9 @@ def sample(frozen, scheduler, controls: Sequence[Control], prompts: list[str], n
     own generator, so a sample is the same whether it is drawn alone or in a batch.
     `embeds`, `negative_embeds`: (hidden, pooled or None) stored for the prompts and the
     negative prompt, batch-sized, used instead of encoding them (a run on cached prompt
-    embeddings has no text encoders)."""
+    embeddings has no text encoders). `on_step(index, t, step_output)` sees each DDIM step's
+    scheduler output (its `pred_original_sample` is the predicted clean latent): for probes of
+    where in sampling something is decided."""
     from PIL import Image
 
     unet, vae = frozen.denoiser, frozen.vae
@@ -134,7 +136,7 @@ def sample(frozen, scheduler, controls: Sequence[Control], prompts: list[str], n
     latents = noise.to(device, dtype) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=device)
     weights: list[float] = []
-    for t in scheduler.timesteps:
+    for index, t in enumerate(scheduler.timesteps):
         x = scheduler.scale_model_input(latents, t)
         down, mid = control_residuals(controls, x, t, cond_text, cond_added) if mode != "uncond" else (None, None)
         down, mid, weights = weighted(down, mid, mode)
@@ -150,7 +152,10 @@ def sample(frozen, scheduler, controls: Sequence[Control], prompts: list[str], n
             eps_uncond = unet(x, t, encoder_hidden_states=uncond_text, added_cond_kwargs=uncond_added,
                               return_dict=False)[0]
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        latents = scheduler.step(eps, t, latents).prev_sample
+        stepped = scheduler.step(eps, t, latents)
+        latents = stepped.prev_sample
+        if on_step is not None:
+            on_step(index, t, stepped)
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     arrays = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return SampleResult([Image.fromarray(a) for a in arrays], weights)
