@@ -679,6 +679,8 @@ def main() -> None:
                                          "record it, with this command, in its circles_base.json")
     judge.add_argument("base")
     args = parser.parse_args()
+    if args.command == "base" and args.before_prompt_phase and not args.prompt_steps:
+        parser.error("--before-prompt-phase needs a prompt phase (--prompt-steps > 0): without one, OUT is that base")
     if args.command == "judge":
         import sys
 

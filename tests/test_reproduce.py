@@ -453,6 +453,9 @@ def test_the_base_script_makes_the_same_weights_bit_for_bit_and_records_its_comm
     before = json.loads((tmp_path / "b-before" / "circles_base.json").read_text())
     assert before["prompt_phase"] is None and before["saved"].startswith("before the prompt phase")
     assert before["command"][-2:] == ["--before-prompt-phase", str(tmp_path / "b-before")]
+    refused = subprocess.run([sys.executable, *command[:2], str(tmp_path / "c"), "--prompt-steps", "0",
+                              "--before-prompt-phase", str(tmp_path / "c-before")], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "needs a prompt phase" in refused.stderr and not (tmp_path / "c").exists()
     info = json.loads((outs[0] / "circles_base.json").read_text())
     assert info["command"] == ["python", "bench/circles.py", "base", str(outs[0]), *command[2:]]
     assert info["unet"]["steps"] == 3 and info["vae"]["steps"] == 2 and info["torch_threads"] == 1
