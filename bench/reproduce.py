@@ -75,7 +75,11 @@ COMPOSITION = {"full": dict(steps=1000), "smoke": dict(steps=2)}
 #: the whole run (no --part): the no-prompt-dropout ablation trained to the last step and scored
 #: there too (with and without prompts), besides at ablation_steps; the quick mode keeps to its 30
 #: minutes. Kept apart from MODES so that the parts' recorded settings do not change.
-DROPOUT_FINAL = {"full": True, "smoke": True, "quick": False}
+DROPOUT_FINAL = {"full": True, "smoke": False, "quick": False}
+#: settings a finished run may gain on resume: each only adds jobs and changes none done (with
+#: `dropout_final` the no-dropout ControlNet trains on from its ablation checkpoint, which is
+#: the straight run bit for bit), so the phases done are kept
+EXTENSIONS = ("dropout_final",)
 #: arm -> (condition, ControlNet scale) per ControlNet; "composed, colour at 0.5" was added after
 #: the full-scale composition over-drove the edges (chosen on set (a) itself: see the README)
 COMPOSED = {"canny only": (("canny", 1.0),), "colour only": (("color_grid", 1.0),),
@@ -112,8 +116,10 @@ class Run:
             if state["settings"] != settings:
                 changed = sorted(k for k in settings.keys() | state["settings"].keys()
                                  if settings.get(k) != state["settings"].get(k))
-                raise RefusedOutput(f"{out} holds a run with other settings ({', '.join(changed)} differ): "
-                                    f"resume it with the same flags, or pass another --output")
+                if not all(k in EXTENSIONS and settings.get(k) and not state["settings"].get(k) for k in changed):
+                    raise RefusedOutput(f"{out} holds a run with other settings ({', '.join(changed)} differ): "
+                                        f"resume it with the same flags, or pass another --output")
+                self.log(f"extending the run in {out} with {', '.join(changed)}: the phases done are kept")
             self.done = state["done"]
             self.first_started = state.get("started", time.time())
             self.log(f"resuming the run in {out}: done so far: {', '.join(self.done) or 'nothing'}")
@@ -483,8 +489,12 @@ def plan(run: Run, s: dict, base: str, part: str | None = None) -> list[Job]:
                                                    prompt_mode="none"))]
     for seed in s["seeds"]:
         jobs += [Job(f"train seed {seed} random init", partial(train, run, s, base, "random-init", seed, a, init="random")),
-                 Job(f"train seed {seed} no prompt dropout", partial(train, run, s, base, "dropout0", seed,
-                                                                     last if s.get("dropout_final") else a, dropout=0.0))]
+                 Job(f"train seed {seed} no prompt dropout", partial(train, run, s, base, "dropout0", seed, a,
+                                                                     dropout=0.0))]
+        if s.get("dropout_final"):  # on from step a in the same folder: the straight run bit for bit (resume)
+            jobs.append(Job(f"train seed {seed} no prompt dropout to {last}",
+                            partial(train, run, s, base, "dropout0", seed, last, dropout=0.0),
+                            deps=(f"train seed {seed} no prompt dropout",)))
     for seed in s["seeds"]:
         jobs += [Job(f"eval seed {seed} step {k}", partial(sample_and_eval, run, samples / f"main-s{seed}-{k}", base,
                                                            net("main", seed, k), n), files=ready("main", seed, k))
@@ -690,8 +700,10 @@ def reproduce(args) -> dict:
     part = getattr(args, "part", None)
     if part and mode == "quick":
         raise RefusedOutput("--part splits the full mode; the quick mode runs whole")
-    if part is None and DROPOUT_FINAL[mode]:
+    if part is None and (DROPOUT_FINAL[mode] or getattr(args, "dropout_final", False)):
         s["dropout_final"] = True
+    elif getattr(args, "dropout_final", False):
+        raise RefusedOutput("--dropout-final is an ablation; --part runs none")
     settings = {"mode": mode, **s, "make_base": args.make_base, "base": args.base, "sampling": SAMPLING}
     extra = {"consistency": CONSISTENCY, "composition": COMPOSITION}.get(part)
     if extra:
@@ -921,6 +933,11 @@ def main() -> int:
                         "consistency = a training per seed to step 1000, then 250 steps with and without "
                         "ControlNet++'s consistency loss, scored on sets (a)-(c); composition = a canny and a "
                         "colour-grid ControlNet per seed, sampled alone and composed on set (a)")
+    parser.add_argument("--dropout-final", action="store_true",
+                        help="also train the no-prompt-dropout ControlNet to the last step and score it there, "
+                        "with and without captions (the full mode always does; the quick mode scores the ablation "
+                        "step only, to keep its 30 minutes). A finished run without it is extended: what it did "
+                        "is kept, and that ControlNet trains on from its last checkpoint")
     parser.add_argument("--workers", type=int, help="processes that train and sample side by side (default: 2, "
                         "3 in full mode, at most the cores; 8 on a GPU); each gets cores / workers torch threads")
     args = parser.parse_args()

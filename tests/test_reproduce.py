@@ -40,13 +40,10 @@ def test_smoke_run_writes_results_report_and_comparable_samples(smoke):
     seed = results["seeds"]["0"]
     assert sorted(seed["curve"], key=int) == ["2", "4"] and set(seed["guidance"]) >= {
         "paper (CFG resolution weighting)", "both branches", "unconditional branch only", "no CFG (scale 1)"}
-    assert set(seed["ablations"]) == {"zero_init", "random_init", "dropout_50_no_prompt", "dropout_0_no_prompt",
-                                      "final_step", "dropout_50_no_prompt_final", "dropout_0_no_prompt_final",
-                                      "dropout_50_final", "dropout_0_final"}  # the full mode's, as smoke runs them
-    assert seed["ablations"]["final_step"] == 4
+    assert set(seed["ablations"]) == {"zero_init", "random_init", "dropout_50_no_prompt", "dropout_0_no_prompt"}
     report = (out / "report.md").read_text()
     assert "## Ablations" in report and "![curve](curve.png)" in report
-    assert "At the final checkpoint (step 4)" in report and "0 %, with the caption" in report
+    assert "At the final checkpoint" not in report, "no --dropout-final, no final-step dropout ablation"
     assert "## Stop signal against the evaluation curve" in report
     for name in ("curve.png", "guidance.png", "contact_sheet.png"):
         assert (out / name).stat().st_size > 1000
@@ -79,6 +76,45 @@ def test_a_folder_from_another_run_or_with_other_files_is_refused(smoke, tmp_pat
     foreign = reproduce("--smoke", "--base", str(sd), "--output", str(tmp_path))
     assert foreign.returncode == 2 and "holds no reproduce run" in foreign.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"], "nothing written into it"
+
+
+FINAL_ABLATIONS = {"final_step", "dropout_50_no_prompt_final", "dropout_0_no_prompt_final", "dropout_50_final",
+                   "dropout_0_final"}
+
+
+def test_dropout_final_extends_a_finished_run_to_what_a_run_with_it_from_the_start_gives(smoke, tmp_path):
+    """--dropout-final on a finished run keeps every phase done and trains the no-dropout
+    ControlNet on from its ablation checkpoint: the same weights and scores as a run that
+    had the flag from the start (the full mode's path, as smoke runs it)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, sd, _ = smoke
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    shutil.copytree(root / "out", extended)
+    before = json.loads((extended / "state.json").read_text())["done"]
+    proc = reproduce("--smoke", "--dropout-final", "--base", str(sd), "--output", str(extended))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extending the run" in proc.stdout and "dropout_final" in proc.stdout
+    after = json.loads((extended / "state.json").read_text())["done"]
+    assert {k: after[k] for k in before} == before, "nothing done before was redone"
+    assert set(after) - set(before) == {"train seed 0 no prompt dropout to 4", "eval seed 0 dropout 50 no prompt final",
+                                        "eval seed 0 dropout 0 no prompt final", "eval seed 0 dropout 0 final"}
+    assert reproduce("--smoke", "--dropout-final", "--base", str(sd), "--output", str(fresh)).returncode == 0
+    results = {name: json.loads((folder / "results.json").read_text())["seeds"]["0"]["ablations"]
+               for name, folder in (("extended", extended), ("fresh", fresh))}
+    assert set(results["extended"]) >= FINAL_ABLATIONS and results["extended"]["final_step"] == 4
+    assert results["extended"] == results["fresh"]
+    weights = [load_file(folder / "work" / "runs" / "dropout0-s0" / "checkpoint-4" / "controlnet"
+                         / "diffusion_pytorch_model.safetensors") for folder in (extended, fresh)]
+    assert weights[0].keys() == weights[1].keys() and all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+    report = (extended / "report.md").read_text()
+    assert "At the final checkpoint (step 4)" in report and "0 %, with the caption" in report
+    dropped = reproduce("--smoke", "--base", str(sd), "--output", str(extended))
+    assert dropped.returncode == 2 and "dropout_final differ" in dropped.stderr, "an extension is not undone"
+    assert reproduce("--smoke", "--part", "generalisation", "--dropout-final", "--base", str(sd), "--output",
+                     str(tmp_path / "part")).returncode == 2
 
 
 def test_sigterm_stops_the_worker_processes_too(smoke, tmp_path):
