@@ -297,6 +297,22 @@ def write_circles(folder: Path, circles: list, size: int = SIZE) -> list[Path]:
 
 # ---- the base model -------------------------------------------------------------------
 
+def learn_test_shards(root: Path, n_heldout: int, n_train: int = 2000, seed: int = 1) -> Path:
+    """The CI learn test's data (tests/test_learns.py, and the curves beside its results):
+    circles with captions under root/{train,heldout}, built into root/{split}-shards with
+    `controlforge build --conditions canny --keep-captions`. Returns root."""
+    from pipeline.build import run_build
+    from pipeline.config import BuildConfig
+
+    train, heldout = circle_sets(n_train, n_heldout, seed=seed)
+    for split, circles in (("train", train), ("heldout", heldout)):
+        write_circles(root / split, circles)
+        run_build(BuildConfig(input=[str(root / split)], output=str(root / f"{split}-shards"), resolution=64, min_size=64,
+                              conditions=["canny"], keep_captions=True, caption_model="none", samples_per_shard=1000,
+                              executor="local", preview=0), log=lambda *_: None)
+    return root
+
+
 def word_tokenizer(folder: Path, words: list[str], max_length: int = 16):
     """A real CLIPTokenizer (vocab.json + merges.txt) over single characters plus merges
     that join the given words, so each caption is a handful of tokens."""

@@ -35,19 +35,9 @@ OVER_BASE, BASE_RATIO, SHUFFLED_RATIO, CHANCE_TOLERANCE = 0.1, 1.8, 1.6, 0.08
 
 @pytest.fixture(scope="module")
 def circles_shards(tmp_path_factory):
-    from circles import circle_sets, write_circles
+    from circles import learn_test_shards
 
-    from pipeline.build import run_build
-    from pipeline.config import BuildConfig
-
-    root = tmp_path_factory.mktemp("circles")
-    train, heldout = circle_sets(2000, HELDOUT, seed=1)
-    for split, circles in (("train", train), ("heldout", heldout)):
-        write_circles(root / split, circles)
-        run_build(BuildConfig(input=[str(root / split)], output=str(root / f"{split}-shards"), resolution=64, min_size=64,
-                              conditions=["canny"], keep_captions=True, caption_model="none", samples_per_shard=1000,
-                              executor="local", preview=0), log=lambda *_: None)
-    return root
+    return learn_test_shards(tmp_path_factory.mktemp("circles"), HELDOUT)
 
 
 def _sample_and_eval(root: Path, out: Path, controlnet: str | None) -> dict:

@@ -303,8 +303,9 @@ def load_base(cfg: TrainConfig, family, urls: list[str], dtype: torch.dtype) -> 
 def load_text_encoders(frozen, cfg: TrainConfig, dtype: torch.dtype, device=None) -> None:
     """Give a base loaded without them its tokenizers and text encoders (on `device` if given)."""
     frozen.tokenizers, frozen.text_encoders = families.load_text(frozen.family, cfg.pretrained_model, dtype)
-    for module in frozen.text_encoders if device is not None else ():
-        module.to(device)
+    if device is not None:
+        for module in frozen.text_encoders:
+            module.to(device)
 
 
 def _cached_text(urls: list[str], cfg: TrainConfig, family) -> tuple[Any, str]:

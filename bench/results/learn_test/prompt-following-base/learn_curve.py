@@ -18,18 +18,11 @@ p.add_argument("--guidance", default="5"); p.add_argument("--mode", default="pap
 p.add_argument("--heldout", type=int, default=24); p.add_argument("--out", required=True)
 p.add_argument("--timesteps", default="cubic"); p.add_argument("--scale", default="1"); p.add_argument("--extra", default="")
 a = p.parse_args()
-from circles import circle_sets, write_circles
-from pipeline.build import run_build
-from pipeline.config import BuildConfig
+from circles import learn_test_shards
 from pipeline.cli import main
 root = Path(a.out); root.mkdir(parents=True, exist_ok=True)
 if not (root / "heldout-shards").exists():
-    train, heldout = circle_sets(2000, a.heldout, seed=1)
-    for split, circles in (("train", train), ("heldout", heldout)):
-        write_circles(root / split, circles)
-        run_build(BuildConfig(input=[str(root / split)], output=str(root / f"{split}-shards"), resolution=64, min_size=64,
-                              conditions=["canny"], keep_captions=True, caption_model="none", samples_per_shard=1000,
-                              executor="local", preview=0), log=lambda *_: None)
+    learn_test_shards(root, a.heldout)
 t = time.perf_counter()
 cn = root / f"cn-{a.lr}-{a.batch}-{a.warmup}-{a.timesteps}{a.extra.replace(' ','')}"
 if not cn.exists():
