@@ -249,6 +249,36 @@ def test_the_best_validated_controlnet_is_kept_beside_the_last(setup, tmp_path, 
     assert best_step == 4 or not all(torch.equal(best[k], last[k]) for k in best)
 
 
+def test_a_resumed_run_keeps_its_controllability_record_even_when_killed_between_validation_and_checkpoint(
+        setup, tmp_path):
+    """Resumed, a run goes on from OUT/controllability.json (the validations up to its
+    checkpoint) instead of starting the record, stop signal and best pick again; a run
+    killed after validating a step but before its checkpoint validates that step again.
+    Either way the record and the best ControlNet are the uninterrupted run's."""
+    import shutil
+
+    from diffusers import ControlNetModel
+
+    val = dict(validation_steps=1, num_validation_images=2, validation_inference_steps=2, learning_rate=1e-2)
+    train(config(setup, tmp_path / "straight", max_train_steps=4, **val), log=lambda *_: None)
+    train(config(setup, tmp_path / "resumed", max_train_steps=2, **val), log=lambda *_: None)
+    train(config(setup, tmp_path / "resumed", max_train_steps=4, resume="latest", **val), log=lambda *_: None)
+    killed = tmp_path / "killed"  # validated step 3, killed before checkpoint-3 was written
+    train(config(setup, killed, max_train_steps=3, checkpointing_steps=2, **val), log=lambda *_: None)
+    shutil.rmtree(killed / "checkpoint-3")
+    assert json.loads((killed / "controllability.json").read_text())["steps"] == [1, 2, 3]
+    train(config(setup, killed, max_train_steps=4, checkpointing_steps=2, resume="latest", **val), log=lambda *_: None)
+    straight = json.loads((tmp_path / "straight" / "controllability.json").read_text())
+    assert straight["steps"] == [1, 2, 3, 4]
+    for out in (tmp_path / "resumed", killed):
+        assert json.loads((out / "controllability.json").read_text()) == straight, out.name
+        assert json.loads((out / "best" / "train_state.json").read_text()) == json.loads(
+            (tmp_path / "straight" / "best" / "train_state.json").read_text()), out.name
+        best = ControlNetModel.from_pretrained(out / "best").state_dict()
+        reference = ControlNetModel.from_pretrained(tmp_path / "straight" / "best").state_dict()
+        assert all(torch.equal(best[k], reference[k]) for k in best), out.name
+
+
 def test_best_rule_follows_the_metric_direction_and_a_resumed_runs_saved_best(tmp_path):
     from train.metrics import ConvergenceTracker
     from train.validation import _beats_saved_best

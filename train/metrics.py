@@ -350,11 +350,21 @@ class ConvergenceTracker:
             raise ValueError("the record holds no per-image scores (a run from before they were kept)")
         if spacing % validation_spacing(steps):
             raise ValueError(f"the run validated every {validation_spacing(steps)} steps: replay at a multiple of that")
-        tracker = cls(record["higher_is_better"])
-        for step, own, shuffled in zip(steps, record["own_scores"], record["shuffled_scores"]):
-            if step % spacing == 0:  # the scores as add_scores took them, higher is better
-                tracker.add_scores(step, own, shuffled)
-        return tracker
+        return cls(record["higher_is_better"]).restore(record, lambda step: step % spacing == 0)
+
+    def restore(self, record: dict, keep: Callable[[int], bool] = lambda step: True) -> "ConvergenceTracker":
+        """Feed again the validations of a saved record (`to_json`) whose step `keep`
+        accepts: the per-image scores where it holds them, else the curve's means. A resumed
+        run goes on from its record this way, keeping the steps up to its checkpoint."""
+        if "own_scores" in record:
+            for step, own, shuffled in zip(record["steps"], record["own_scores"], record["shuffled_scores"]):
+                if keep(step):  # the scores as add_scores took them, higher is better
+                    self.add_scores(step, own, shuffled)
+        else:
+            for step, value in zip(record["steps"], record["values"]):
+                if keep(step):
+                    self.add(step, value)
+        return self
 
     def plot(self, path, title: str = "controllability") -> None:
         """A small line chart as PNG (PIL only: no plotting dependency)."""

@@ -197,7 +197,8 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
     if validation is not None and cached is not None and "text_embeds" not in validation:
         log("the validation samples hold no prompt embeddings of this base: loading the text encoders for validation")
         load_text_encoders(frozen, cfg, weight_dtype, device)
-    tracker = controllability_tracker(cfg) if validation is not None else None
+    tracker = (controllability_tracker(cfg, global_step if resume_from is not None else None, log)
+               if validation is not None else None)
     if trackers and accelerator.is_main_process:
         accelerator.init_trackers("controlforge", config={k: v for k, v in cfg.model_dump().items()
                                                           if isinstance(v, (int, float, str, bool))})
@@ -239,23 +240,27 @@ def train(cfg: TrainConfig, log=print, batches: list[dict[str, Any]] | None = No
                                  steps_s=f"{(global_step - first_step) / elapsed:.2f}",
                                  samples_s=f"{samples_seen / elapsed:.1f}")
             accelerator.log({"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-            if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
-                save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit,
-                                rank_state={"dropout": dropout.state_dict(), "bad_per_shard": tally.per_shard},
-                                state={"skipped_steps": skipped_steps, "bad_samples": tally.state_dict()},
-                                ema_model=ema, controlnet=controlnet)
-                saved_step = global_step
+            # validation before the checkpoint: a checkpoint's step is always in the controllability
+            # record, and a run killed between the two resumes from the checkpoint before and
+            # validates this step again, as the uninterrupted run did
+            stop = 0
             if global_step % cfg.validation_steps == 0 and cfg.num_validation_images:
-                stop = 0
                 if validation is not None:
                     images = run_validation(validation, cfg, accelerator, frozen, denoiser, controlnet, global_step,
                                             weight_dtype)
                     if tracker is not None:
                         stop = int(track_controllability(tracker, validation, images, cfg, global_step, accelerator,
                                                           log, controlnet))
-                if _broadcast_flag(accelerator, stop):
-                    log(f"stopping {cfg.stop_after_convergence} steps after sudden convergence (step {global_step})")
-                    break
+                stop = _broadcast_flag(accelerator, stop)
+            if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
+                save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit,
+                                rank_state={"dropout": dropout.state_dict(), "bad_per_shard": tally.per_shard},
+                                state={"skipped_steps": skipped_steps, "bad_samples": tally.state_dict()},
+                                ema_model=ema, controlnet=controlnet)
+                saved_step = global_step
+            if stop:
+                log(f"stopping {cfg.stop_after_convergence} steps after sudden convergence (step {global_step})")
+                break
     finally:
         progress.close()
     accelerator.wait_for_everyone()

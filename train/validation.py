@@ -6,6 +6,7 @@ bench/reproduce.py uses to replay validation on saved checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,11 @@ def _sampler_validation(batch, cfg, device, frozen, denoiser, controlnet, mode: 
     return result.images
 
 
-def controllability_tracker(cfg: TrainConfig):
+def controllability_tracker(cfg: TrainConfig, resumed_at: int | None = None, log=print):
+    """The tracker of the run's controllability (None where the condition has no metric).
+    A run resumed at step `resumed_at` goes on from OUT/controllability.json: the
+    validations up to that step (later ones belong to steps it trains again), so its
+    record, stop signal and best pick are the uninterrupted run's."""
     from .metrics import METRICS, ConvergenceTracker
 
     metric = METRICS.get(cfg.condition)
@@ -130,6 +135,15 @@ def controllability_tracker(cfg: TrainConfig):
     annotator = create([cfg.condition], {cfg.condition: cfg.validation_annotator} if cfg.validation_annotator else {})
     tracker = ConvergenceTracker(metric.higher_is_better)
     tracker.annotator = annotator[cfg.condition]
+    saved = Path(cfg.output_dir) / "controllability.json"
+    if resumed_at is not None and saved.exists():
+        try:
+            record = json.loads(saved.read_text())
+        except ValueError as exc:
+            log(f"{saved}: unreadable ({exc}); the controllability record starts again at step {resumed_at}")
+            return tracker
+        if record.get("metric") == metric.name:
+            tracker.restore(record, lambda step: step <= resumed_at)
     return tracker
 
 
@@ -159,7 +173,9 @@ def track_controllability(tracker, batch, images, cfg, step, accelerator, log, c
                           {"global_step": step, "metric": name, "value": value,
                            "shuffled": tracker.shuffled_values[-1] if tracker.shuffled_values else None,
                            "picked_by": "the best controllability on the validation samples so far"})
-    (out / "controllability.json").write_text(json.dumps({"metric": name, **tracker.to_json()}, indent=1))
+    partial = out / "controllability.json.partial"  # replaced whole: a kill mid-write leaves the last record
+    partial.write_text(json.dumps({"metric": name, **tracker.to_json()}, indent=1))
+    os.replace(partial, out / "controllability.json")
     tracker.plot(out / "controllability.png", f"{cfg.condition} {name}")
     return tracker.should_stop(step, cfg.stop_after_convergence)
 
