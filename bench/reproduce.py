@@ -13,7 +13,9 @@ stored tiny base (bench/circles_base, or --make-base to train one) -> `controlfo
 sample` every checkpoint on the held-out conditions, and the base model with the same
 prompts and seeds -> `controlforge eval --shuffled` (edge F1, 2 px tolerance, against the
 own and against shuffled conditions) -> ablations (zero vs random init of the output
-layers, prompt dropout 50 % vs 0 % in the no-prompt mode, the sampler's guidance modes)
+layers, prompt dropout 50 % vs 0 % in the no-prompt mode (at the ablation step; at the last
+step too in the full mode, or with --dropout-final, which also extends a finished run), the
+sampler's guidance modes)
 -> DIR/results.json, DIR/report.md (+ PNG plots), DIR/samples/{controlnet,base}/.
 
 Held-out sets (bench/circles.py defines them; the training distribution leaves their
@@ -119,9 +121,12 @@ class Run:
                 if not all(k in EXTENSIONS and settings.get(k) and not state["settings"].get(k) for k in changed):
                     raise RefusedOutput(f"{out} holds a run with other settings ({', '.join(changed)} differ): "
                                         f"resume it with the same flags, or pass another --output")
-                self.log(f"extending the run in {out} with {', '.join(changed)}: the phases done are kept")
             self.done = state["done"]
             self.first_started = state.get("started", time.time())
+            self.extended = state.get("extended", [])
+            if state["settings"] != settings:
+                self.extended.append({"added": changed, "at": time.time()})
+                self.log(f"extending the run in {out} with {', '.join(changed)}: the phases done are kept")
             self.log(f"resuming the run in {out}: done so far: {', '.join(self.done) or 'nothing'}")
         elif out.exists() and any(out.iterdir()):
             raise RefusedOutput(f"{out} is not empty and holds no reproduce run (no state.json): pass an empty or "
@@ -130,12 +135,13 @@ class Run:
             out.mkdir(parents=True, exist_ok=True)
             self.done = {}
             self.first_started = time.time()
+            self.extended = []  # settings added to a finished run (EXTENSIONS), and when
         self._save()
 
     def _save(self) -> None:
         tmp = self.out / "state.json.tmp"
-        tmp.write_text(json.dumps({"settings": self.settings, "started": self.first_started, "done": self.done},
-                                  indent=1))
+        tmp.write_text(json.dumps({"settings": self.settings, "started": self.first_started, "done": self.done,
+                                   **({"extended": self.extended} if self.extended else {})}, indent=1))
         os.replace(tmp, self.out / "state.json")
 
     def phase(self, name: str, fn):
@@ -785,6 +791,8 @@ def reproduce(args) -> dict:
     results["heldout_sets"] = heldout_sets(results, s, done)
     results["seconds"] = {k: v["seconds"] for k, v in run.done.items()}
     results["minutes_wall"] = round((time.time() - run.first_started) / 60, 1)
+    if run.extended:  # the wall time since the first start spans the pause before; this is the extension's own
+        results["extended"] = [{**e, "minutes_wall_since": round((time.time() - e["at"]) / 60, 1)} for e in run.extended]
     results["machine"] = machine()
     (run.out / "results.json").write_text(json.dumps(results, indent=1))
     write_reports(run.out, results, part)

@@ -167,7 +167,9 @@ def write_report(out: Path, results: dict) -> None:
              f"{s['sampling']['steps']} steps, CFG {s['sampling']['guidance_scale']}, mode {s['sampling']['mode']}. "
              f"Edge F1: Canny of each generated image (OpenCV, per channel) against its condition, 2-pixel "
              f"tolerance (`controlforge eval --shuffled`). Machine: {json.dumps(results['machine'])}; "
-             f"{results['minutes_wall']} minutes of wall time in all.", "",
+             f"{results['minutes_wall']} minutes of wall time in all"
+             + "".join(f"; extended with {', '.join(e['added'])}, {e['minutes_wall_since']} minutes of it since"
+                       for e in results.get("extended", [])) + ".", "",
              "![condition | base | ControlNet](contact_sheet.png)", "",
              "## Result on the held-out set", "",
              "| | edge F1 | against shuffled conditions |", "| --- | --- | --- |",

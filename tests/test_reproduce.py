@@ -111,6 +111,8 @@ def test_dropout_final_extends_a_finished_run_to_what_a_run_with_it_from_the_sta
     assert weights[0].keys() == weights[1].keys() and all(weights[0][k].equal(weights[1][k]) for k in weights[0])
     report = (extended / "report.md").read_text()
     assert "At the final checkpoint (step 4)" in report and "0 %, with the caption" in report
+    assert "extended with dropout_final" in report
+    assert [e["added"] for e in json.loads((extended / "results.json").read_text())["extended"]] == [["dropout_final"]]
     dropped = reproduce("--smoke", "--base", str(sd), "--output", str(extended))
     assert dropped.returncode == 2 and "dropout_final differ" in dropped.stderr, "an extension is not undone"
     assert reproduce("--smoke", "--part", "generalisation", "--dropout-final", "--base", str(sd), "--output",
