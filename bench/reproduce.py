@@ -56,7 +56,7 @@ MODES = {
                   batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=50, curve_samples=64,
                   sets=["new"]),
     "full": dict(train_images=20000, heldout=64, steps=2000, eval_every=250, seeds=[0, 1, 2], ablation_steps=500,
-                 batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=250, curve_samples=64,
+                 batch=32, learning_rate=1e-3, timestep_sampling="cubic", validation_steps=50, curve_samples=64,
                  sets=["new", "excluded", "two"]),
 }
 #: held-out set -> (its data and shard folder under work/, its samples folder under OUT/samples/, title)
