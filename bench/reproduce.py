@@ -706,9 +706,10 @@ def reproduce(args) -> dict:
     part = getattr(args, "part", None)
     if part and mode == "quick":
         raise RefusedOutput("--part splits the full mode; the quick mode runs whole")
-    if part is None and (DROPOUT_FINAL[mode] or getattr(args, "dropout_final", False)):
+    dropout_final = getattr(args, "dropout_final", False)
+    if part is None and (DROPOUT_FINAL[mode] or dropout_final):
         s["dropout_final"] = True
-    elif getattr(args, "dropout_final", False):
+    elif dropout_final:
         raise RefusedOutput("--dropout-final is an ablation; --part runs none")
     settings = {"mode": mode, **s, "make_base": args.make_base, "base": args.base, "sampling": SAMPLING}
     extra = {"consistency": CONSISTENCY, "composition": COMPOSITION}.get(part)
